@@ -1,0 +1,204 @@
+"""Base of the methods that swap whole attention modules (SDRM; later Cholesky/PCA/attention-SVD, issue #4).
+
+A weight method (``lrk.decomp.base``) replaces Linear/Conv layers by factorized ones. An attention-swap method
+replaces every :class:`~lrk.models.AttentionBase` of the model (``blocks.*.attn``) by another attention
+implementation built from it (``cls.from_attention(dense, ...)``), possibly after looking at the attention
+inputs of a few calibration batches. The shared parts live here:
+
+- target selection: ``targets`` / ``skip`` are glob patterns over *attention module* names (``blocks.*.attn``);
+  ``targets: null`` takes every attention module; a pattern that matches no attention module is an error;
+  a model without attention modules (a ResNet) is an error naming the model and asking for a ViT;
+- :func:`token_count`: the number of tokens T a ViT feeds its attention modules (from ``patch_embed`` and
+  ``num_prefix_tokens``), for checks that need T before anything runs;
+- :func:`collect_attention_inputs`: forward pre-hooks that hand each target's input ``[B, T, D]`` to a callback
+  while calibration batches run through the model in eval mode without gradients;
+- :meth:`AttentionSwapMethod.apply`: checks -> ``prepare`` (e.g. calibration, before any change) -> build every
+  replacement -> swap them all -> ``finish`` (report rows). A failure before the swap leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrk.decomp.base import DecompMethod, own_params
+from lrk.decomp.report import DecompReport
+from lrk.errors import LrkConfigError
+from lrk.models.attention import AttentionBase
+from lrk.models.utils import attention_modules, replace_module
+
+VIT_BACKBONES = "backbone=vit_edge, vit_tiny, vit_small or deit_small (name: vit)"
+
+
+def token_count(model: nn.Module) -> int | None:
+    """Tokens per image that the attention modules of a lrk ViT see: patches + prefix (class/distillation)
+    tokens. None when the model does not expose ``patch_embed.num_patches`` (then T is known at run time only)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patches = getattr(patch_embed, "num_patches", None)
+    if not isinstance(patches, int):
+        return None
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    return patches + (prefix if isinstance(prefix, int) else 0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    ref = next(iter(model.parameters()), None)
+    return ref.device if ref is not None else torch.device("cpu")
+
+
+def calibration_images(batch: Any) -> torch.Tensor:
+    """The image tensor of a calibration batch: the tensor itself, or the first item of an (images, labels) pair."""
+    if isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise LrkConfigError(
+            f"calibration batch of type {type(batch).__name__} is invalid: it must be an image tensor "
+            "[B, C, H, W] or an (images, labels) pair"
+        )
+    return batch
+
+
+def collect_attention_inputs(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Iterable[Any],
+    callback: Callable[[str, torch.Tensor], None],
+) -> int:
+    """Run ``batches`` through ``model`` in eval mode without gradients; for every attention module named in
+    ``names``, call ``callback(name, x)`` with its input ``x`` ([B, T, D]) from a forward pre-hook.
+
+    The model's train/eval modes are restored afterwards, also on error. Returns the number of batches run.
+    """
+    modules = dict(model.named_modules())
+    handles = []
+    for name in names:
+
+        def hook(module: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
+            callback(_name, args[0].detach())
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    modes = {m: m.training for m in model.modules()}
+    device = model_device(model)
+    count = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                model(calibration_images(batch).to(device))
+                count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+    return count
+
+
+class AttentionSwapMethod(DecompMethod):
+    """A method that replaces attention modules. Subclasses implement :meth:`build_attention` and may override
+    :meth:`prepare` (checks and calibration, before any change) and :meth:`finish` (report rows after the swap).
+
+    Rank-policy keys are the subclass's business (``needs_policy = False`` here): an activation method such as
+    SDRM applies its energy rule to each batch's activations, not to the weights.
+    """
+
+    supported = "the attention modules (lrk.models.AttentionBase) of a ViT/DeiT backbone"
+    needs_policy = False
+
+    # --- hooks -----------------------------------------------------------------------------------------
+    def prepare(
+        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
+    ) -> dict[str, Any]:
+        """Checks and calibration before any change; returns the context :meth:`build_attention` reads."""
+        return {}
+
+    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> AttentionBase:
+        """The replacement of attention module ``name``."""
+        raise NotImplementedError
+
+    def finish(
+        self,
+        model: nn.Module,
+        built: list[tuple[str, AttentionBase, AttentionBase]],
+        batches: list[Any],
+        context: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """Report rows after the swap (``built``: name, old module, new module). Default: one row per module
+        with the parameter counts and the build seconds of the context (``context['seconds'][name]``)."""
+        seconds = context.get("seconds", {})
+        return [
+            {
+                "name": name,
+                "kind": self.name,
+                "shape": [new.dim, new.dim],
+                "rank": float(new.dim),
+                "ranks": [new.dim],
+                "params_before": own_params(old),
+                "params_after": own_params(new),
+                "rel_error": 0.0,
+                "energy": 1.0,
+                "seconds": float(seconds.get(name, 0.0)),
+            }
+            for name, old, new in built
+        ]
+
+    # --- target selection --------------------------------------------------------------------------------
+    def select_targets(self, model: nn.Module) -> list[tuple[str, AttentionBase]]:  # type: ignore[override]
+        """Every attention module (``targets: null``) or those whose names match ``targets``, minus ``skip``.
+
+        Raises :class:`LrkConfigError` when the model has no attention module, when a ``targets`` or ``skip``
+        pattern matches no attention module, or when ``skip`` removes them all.
+        """
+        found = attention_modules(model)
+        if not found:
+            kind = type(model).__name__
+            raise LrkConfigError(
+                f"decomp={self.name} needs a backbone with attention modules (a ViT: {VIT_BACKBONES}); "
+                f"the backbone {kind} has none"
+            )
+        names = [n for n, _ in found]
+        sample = ", ".join(names[:4])
+        if self.targets is None:
+            chosen = found
+        else:
+            picked: set[str] = set()
+            for pattern in self.targets:
+                hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+                if not hits:
+                    raise LrkConfigError(
+                        f"decomp.targets pattern '{pattern}' matches no attention module: decomp={self.name} "
+                        f"swaps attention modules, whose names look like {sample}"
+                    )
+                picked.update(hits)
+            chosen = [(n, m) for n, m in found if n in picked]
+        for pattern in self.skip:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise LrkConfigError(
+                    f"decomp.skip pattern '{pattern}' matches no attention module; their names look like {sample}"
+                )
+        chosen = [(n, m) for n, m in chosen if not any(fnmatch.fnmatchcase(n, p) for p in self.skip)]
+        if not chosen:
+            raise LrkConfigError(
+                f"decomp={self.name}: decomp.skip={self.skip} removes every attention module"
+            )
+        return chosen
+
+    # --- the entry point ---------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, calibration_batches: Iterable[Any] | None = None) -> DecompReport:
+        """Swap the target attention modules of ``model`` in place and return the report.
+
+        Every check and the calibration (``prepare``) run before the model changes; every replacement is built
+        before the first is swapped in.
+        """
+        batches = list(calibration_batches) if calibration_batches is not None else []
+        targets = self.select_targets(model)
+        context = self.prepare(model, targets, batches)
+        built = [(name, old, self.build_attention(name, old, context)) for name, old in targets]
+        for name, _, new in built:
+            replace_module(model, name, new)
+        return DecompReport(self.name, self.finish(model, built, batches, context))

@@ -1,0 +1,71 @@
+"""The per-layer decomposition report (design.md "The decomposition contract": Report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROW_KEYS = (
+    "name",
+    "kind",
+    "shape",
+    "rank",
+    "ranks",
+    "params_before",
+    "params_after",
+    "rel_error",
+    "energy",
+    "seconds",
+)
+
+
+@dataclass
+class DecompReport:
+    """One row per decomposed layer.
+
+    Row keys: ``name`` (module name), ``kind`` (e.g. ``svd``, ``tucker2``, ``cp``, ``tt``,
+    ``trawl_tucker``), ``shape`` (the dense weight's shape), ``rank`` (a number: the rank, or the mean of
+    the ranks of a multi-rank layer), ``ranks`` (all ranks), ``params_before`` / ``params_after``
+    (weights and bias of the layer, counted from the modules; a TRAWL layer is charged its share of the
+    group's shared factors), ``rel_error`` (||W - W_hat||_F / ||W||_F, W_hat rebuilt from the new module),
+    ``energy`` (1 - rel_error^2: the retained energy sum_{i<=r} s_i^2 / sum s_i^2 for SVD and HOSVD-type
+    Tucker, the explained fraction of ||W||_F^2 otherwise), ``seconds`` (decomposition time).
+    """
+
+    method: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """``decomp/*`` metrics and ``time/rr_s``. An empty report (``decomp=none``) gives
+        ``time/rr_s`` = 0 and ``decomp/layers`` = 0 and no rank/error keys (there is nothing to average)."""
+        out: dict[str, float] = {
+            "time/rr_s": float(sum(r["seconds"] for r in self.rows)),
+            "decomp/layers": float(len(self.rows)),
+        }
+        if not self.rows:
+            return out
+        n = len(self.rows)
+        before = sum(r["params_before"] for r in self.rows)
+        after = sum(r["params_after"] for r in self.rows)
+        out.update(
+            {
+                "decomp/rank_mean": float(sum(r["rank"] for r in self.rows) / n),
+                "decomp/rel_error_mean": float(sum(r["rel_error"] for r in self.rows) / n),
+                "decomp/energy": float(sum(r["energy"] for r in self.rows) / n),
+                "decomp/params_before": float(before),
+                "decomp/params_after": float(after),
+                "decomp/layer_compression": float(before / after) if after else float("inf"),
+            }
+        )
+        return out
+
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        """Columns and rows for a CSV / W&B table (lists rendered as 'a x b')."""
+        columns = list(ROW_KEYS)
+
+        def cell(value: Any) -> Any:
+            if isinstance(value, (list, tuple)):
+                return "x".join(str(v) for v in value)
+            return value
+
+        return columns, [[cell(row.get(k)) for k in columns] for row in self.rows]

@@ -1,0 +1,821 @@
+"""``decomp=sdrm``: SDRM attention (seeds/sdrm_paper.txt, sections 3-4): a truncated SVD of each batch's attention
+input, low-rank Q/K/V (Eq. 14), per-head split (Algorithm 2) and block-wise attention (Eqs. 16-18, Algorithm 4).
+
+For the input X in R^{B x T x D} of an attention module, SDRM factorizes Y = reshape(X, (b t, d)) (section 3.1,
+Algorithm 1 l.2; Theorem 1's proof) in chunks of ``svd_batch_size`` images (the paper's svd_batch_size: X is
+"chunked into X_i for parallel singular value decomposition"), keeps the smallest rank r with
+sum_{i<=r} s_i^2 >= phi sum_i s_i^2 (Eqs. 2-3) or a fixed ``rank``, and computes
+
+    (Q, K, V) = U_r S_r V_r^T (W^Q, W^K, W^V)                                   (Eq. 14)
+
+cheaply as (Y V_r)(V_r^T W): U_r S_r = Y V_r for an SVD, so only the thin product Y V_r ([bt, r]) and the small
+V_r^T W ([r, 3d]) are formed; cost 4 bt d r + 3 d^2 r instead of 3 bt d^2 for the dense projection. V_r is treated
+as a constant (detached): the gradient reaches the input through Y V_r and the weights through V_r^T W.
+
+``core`` (lrk's evaluation order, exactly the same numbers): Eq. 14 makes Q, K and V rank r, but the T x T
+products of the attention (Q_h K_h^T and its product with V_h) still cost T^2 d_h per head when Q, K, V are formed
+explicitly (``core=qkv``, the paper's Algorithm 4), so the rank reduction only shrinks the projection. With
+Z' = [Y V_r, 1] and P = [W V_r, b] per head, Q_h K_h^T = Z' (P_q,h^T P_k,h) Z'^T and softmax(.) V_h =
+(softmax(.) Z') P_v,h^T: the T x T products cost T^2 (r + 1) (``core=factored``). ``core=auto`` (default) takes
+the factored order when r + 1 < d_h, where it is cheaper.
+
+Heads are split from the projected Q, K, V (Algorithm 2; ``head_loop=True`` runs the heads one at a time as the
+algorithm is written, with each head's columns of W: the same numbers, slower). Attention runs per image:
+chunks share a *basis*, never attention.
+
+What a chunk of several images means (``svd_batch_size`` > 1): the basis V_r is fitted to the tokens of all the
+chunk's images, so image i's output depends on image j of the same chunk through the subspace it is projected
+on (the paper's design: one t-SVD per chunk). Attention itself never mixes images: image i's queries only see
+image i's keys. With ``svd_batch_size=1`` every image is factorized alone and its output depends on nothing else.
+
+Block-wise attention (section 4, Eqs. 16-18, Algorithm 4), lrk's reading:
+
+- ``block_size=b``: queries in blocks of b tokens, each block attending to all keys (Eqs. 16-17 per block, Eq. 18
+  concatenating the blocks): exactly the unblocked attention, with a score block of b x T instead of T x T.
+- ``block_keys=True`` also splits the keys/values into blocks of b, as Algorithm 4 l.7-11 does. Algorithm 4 as
+  printed takes a softmax per key block and sums the block outputs (l.13, Z_i = Z_i (+) Z_b), which is *not* the
+  attention (each block's softmax is normalised alone). lrk merges the key blocks with the running maximum and
+  normaliser of the log-sum-exp (the online softmax), which makes the sum exact; score blocks are b x b.
+- ``block_size=adaptive``: section 4's feedback rule ("initialize block size and monitor processing time, memory
+  usage ...; if a decrease in processing speed or resource usage is detected, the size of the data block is
+  automatically reduced ...; if resource usage is low, increase the block size"), see :class:`AdaptiveBlockSize`:
+  start at the largest block whose score block fits ``block_budget_mb`` (resource usage low -> large block),
+  halve it while the measured time per token does not get worse by more than 10 %, go back to the previous size
+  and stay there when it does (speed decrease -> back off), and halve at once whenever a larger batch would push
+  the score block over the budget (resource usage high -> smaller block). Every block size gives the same
+  numbers, so the rule changes speed and memory, never outputs.
+
+``subspace``: ``batch`` (the paper: a t-SVD of every batch, in training and inference) or ``calibrated`` (lrk's
+option: V_r fitted once in ``apply`` on the attention inputs of the calibration batches - their Gram matrices
+summed, then eigh, i.e. the exact SVD of all calibration tokens stacked - and frozen: no factorization at run
+time). The calibration runs the calibration batches once through the *dense* model (every layer's inputs come
+from dense layers before it). With ``stage: init`` the weights then train under a basis fitted to the untrained
+model's activations; ``stage: post`` fits it to the trained model (a warning says so).
+
+Phase timings: every forward adds the seconds of its factorizations to ``module.stats.rr_seconds`` (SDRM's RR
+phase; ``time/rr_s``) and its own wall time to ``stats.forward_seconds``. lrk's PhaseTimer times whole attention
+forwards as ``time/mha_s``, which therefore *includes* the t-SVD; the paper's MHA phase is ``time/mha_s`` minus
+``time/rr_forward_s`` over the same forwards. :func:`sdrm_metrics` collects the figures of every SDRM module of a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, token_count
+from lrk.decomp.base import register_method
+from lrk.errors import LrkConfigError
+from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
+from lrk.linalg.adamatrix import adamatrix as adamatrix_svd
+from lrk.linalg.rank import energy_rank, tsvd_compression_ratio
+from lrk.linalg.tsvd import SOLVERS, TruncatedSVD, gram_svd, small_lapack_threads, truncated_svd
+from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+
+log = logging.getLogger(__name__)
+
+SUBSPACES = ("batch", "calibrated")
+CORES = ("auto", "qkv", "factored")
+DEFAULT_SOLVER = "gram"  # benchmarks/tsvd.py: exact, and the fastest exact solver on ViT token matrices
+DEFAULT_BLOCK_BUDGET_MB = 32.0
+
+
+# --- checks -----------------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_settings(
+    energy: float | None,
+    rank: int | None,
+    solver: str,
+    svd_batch_size: int | None,
+    block_size: int | str | None,
+    subspace: str,
+    block_budget_mb: float,
+    core: str = "auto",
+) -> None:
+    """Validate SDRM's settings (each bad value -> one :class:`LrkConfigError` naming it and what is valid)."""
+    if (energy is None) == (rank is None):
+        raise LrkConfigError(
+            f"decomp.energy={energy}, decomp.rank={rank} is invalid for decomp=sdrm: set exactly one of "
+            "decomp.energy (phi in (0, 1]) or decomp.rank (an integer >= 1)"
+        )
+    if energy is not None and not (_is_number(energy) and 0.0 < float(energy) <= 1.0):
+        raise LrkConfigError(
+            f"decomp.energy={energy!r} is invalid: phi (the energy retention of Eqs. 2-3) must lie in (0, 1]"
+        )
+    if rank is not None and not (_is_int(rank) and rank >= 1):
+        raise LrkConfigError(f"decomp.rank={rank!r} is invalid: it must be an integer >= 1")
+    if solver not in SOLVERS:
+        raise LrkConfigError(f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(SOLVERS)}")
+    if svd_batch_size is not None and not (_is_int(svd_batch_size) and svd_batch_size >= 1):
+        raise LrkConfigError(
+            f"decomp.svd_batch_size={svd_batch_size!r} is invalid: it must be an integer >= 1 (images per "
+            "t-SVD chunk) or null (the whole batch)"
+        )
+    if block_size is not None and block_size != "adaptive" and not (_is_int(block_size) and block_size >= 1):
+        raise LrkConfigError(
+            f"decomp.block_size={block_size!r} is invalid: it must be an integer >= 1 (query tokens per block), "
+            "'adaptive' or null (no blocking)"
+        )
+    if subspace not in SUBSPACES:
+        raise LrkConfigError(
+            f"decomp.subspace={subspace!r} is invalid: it must be one of {', '.join(SUBSPACES)}"
+        )
+    if core not in CORES:
+        raise LrkConfigError(f"decomp.core={core!r} is invalid: it must be one of {', '.join(CORES)}")
+    if not (_is_number(block_budget_mb) and block_budget_mb > 0):
+        raise LrkConfigError(
+            f"decomp.block_budget_mb={block_budget_mb!r} is invalid: it must be a positive number"
+        )
+
+
+def check_tokens(
+    block_size: int | str | None, rank: int | None, svd_batch_size: int | None, tokens: int, dim: int
+) -> None:
+    """Checks that need the token count T: block_size <= T, and rank <= min(svd_batch_size * T, d)."""
+    if _is_int(block_size) and block_size > tokens:  # type: ignore[operator]
+        raise LrkConfigError(
+            f"decomp.block_size={block_size} is invalid for this model: it must lie in [1, {tokens}] "
+            f"(the attention modules see T={tokens} tokens per image), or be 'adaptive' or null"
+        )
+    if rank is not None:
+        limit = dim if svd_batch_size is None else min(svd_batch_size * tokens, dim)
+        if rank > limit:
+            where = f"d={dim}" if limit == dim else f"svd_batch_size * T = {svd_batch_size} * {tokens}"
+            raise LrkConfigError(
+                f"decomp.rank={rank} is invalid for this model: the t-SVD of Y = reshape(X, (b t, d)) has at "
+                f"most min(b t, d) = {limit} components ({where}); use a rank in [1, {limit}]"
+            )
+
+
+# --- block-wise attention (section 4) -----------------------------------------------------------------------
+def blockwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int | None = None,
+    key_blocks: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d_k)) v over the last two axes ([..., T, d_h]), in blocks (Eqs. 16-18, Algorithm 4).
+
+    Queries are taken ``block_size`` tokens at a time (each block attends to all keys: exact). ``key_blocks``
+    also splits keys/values into blocks of ``block_size`` and merges them with the online softmax (running
+    maximum and normaliser), which makes Algorithm 4's sum over key blocks exact. ``dropout_p`` drops
+    attention weights (training only; pass 0 in eval). ``scale`` replaces 1 / sqrt(d_k) (q's last dimension).
+    """
+    tokens = q.shape[-2]
+    if block_size is None or (block_size >= tokens and not key_blocks):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if not key_blocks:
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[..., s : s + block_size, :], k, v, dropout_p=dropout_p, scale=scale
+                )
+                for s in range(0, tokens, block_size)
+            ],
+            dim=-2,
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys = k.shape[-2]
+    outs = []
+    for s in range(0, tokens, block_size):
+        qb = q[..., s : s + block_size, :] * scale
+        run_max = qb.new_full((*qb.shape[:-1], 1), -math.inf)
+        norm = qb.new_zeros((*qb.shape[:-1], 1))
+        acc = qb.new_zeros((*qb.shape[:-1], v.shape[-1]))
+        for t in range(0, keys, block_size):
+            scores = qb @ k[..., t : t + block_size, :].transpose(-2, -1)  # Eq. 16's Q_b K_b^T / sqrt(d_k)
+            new_max = torch.maximum(run_max, scores.amax(dim=-1, keepdim=True))
+            weights = torch.exp(scores - new_max)
+            rescale = torch.exp(run_max - new_max)  # earlier blocks were normalised against a smaller maximum
+            norm = norm * rescale + weights.sum(dim=-1, keepdim=True)
+            if dropout_p > 0:
+                weights = F.dropout(weights, dropout_p)
+            acc = acc * rescale + weights @ v[..., t : t + block_size, :]  # Eq. 17, summed over key blocks
+            run_max = new_max
+        outs.append(acc / norm)
+    return torch.cat(outs, dim=-2)  # Eq. 18: the query blocks side by side
+
+
+class AdaptiveBlockSize:
+    """The adaptive block size of section 4 (lrk's reading; see the module docstring).
+
+    ``choose(batch, heads, tokens, key_tokens, element_bytes)`` returns the block for the next forward;
+    ``update(block, seconds, query_tokens)`` feeds back the measured time of the attention core. Candidates are
+    b = ceil(T / 2^k). The search starts at the largest candidate whose score block (batch x heads x b x keys
+    elements) fits ``budget_mb``, halves while the time per token stays within ``1 + tolerance`` of the larger
+    block's, then settles on the faster of the last two. The first ``warmup`` measurements are ignored.
+    """
+
+    def __init__(
+        self, budget_mb: float = DEFAULT_BLOCK_BUDGET_MB, tolerance: float = 0.1, warmup: int = 1
+    ) -> None:
+        self.budget_bytes = budget_mb * 2**20
+        self.tolerance = tolerance
+        self.warmup = warmup
+        self.block: int | None = None
+        self.settled = False
+        self.times: dict[int, float] = {}  # block -> seconds per query token (last measurement)
+        self._previous: int | None = None  # the larger block measured before the current one
+        self._seen = 0
+
+    def cap(self, batch: int, heads: int, tokens: int, key_tokens: int, element_bytes: int) -> int:
+        """Largest block whose score block fits the memory budget (at least 1, at most T)."""
+        per_row = max(1, batch * heads * key_tokens * element_bytes)
+        return max(1, min(tokens, int(self.budget_bytes // per_row)))
+
+    def choose(self, batch: int, heads: int, tokens: int, key_tokens: int, element_bytes: int) -> int:
+        """Block size for the next forward (memory first: a block over the budget is halved at once)."""
+        cap = self.cap(batch, heads, tokens, key_tokens, element_bytes)
+        if self.block is None:
+            self.block = cap
+        while self.block > cap:  # resource usage high -> reduce
+            self.block = math.ceil(self.block / 2)
+        return min(self.block, tokens)
+
+    def update(self, block: int, seconds: float, query_tokens: int) -> None:
+        """Feed back the attention-core time of a forward that used ``block``."""
+        self._seen += 1
+        if self._seen <= self.warmup or self.settled or query_tokens <= 0:
+            return
+        per_token = seconds / query_tokens
+        self.times[block] = per_token
+        prev = self._previous
+        if prev is not None and prev in self.times and per_token > (1 + self.tolerance) * self.times[prev]:
+            self.block, self.settled = prev, True  # speed decreased -> back to the larger block, stay
+            return
+        if block <= 1:
+            self.settled = True
+            return
+        self._previous = block
+        self.block = math.ceil(block / 2)  # not slower: try a smaller block (less memory)
+
+    def state(self) -> dict[str, Any]:
+        return {"block": self.block, "settled": self.settled, "times": dict(self.times)}
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+@dataclass
+class SDRMStats:
+    """What an SDRM attention module did since it was built (or ``reset``). Not part of the state dict."""
+
+    forwards: int = 0
+    factorizations: int = 0  # t-SVDs (one per chunk per forward; one per forward for a calibrated basis)
+    rank_sum: float = 0.0
+    energy_sum: float = 0.0
+    rel_error_sum: float = 0.0
+    cr_sum: float = 0.0  # Theorem 1's compression ratio
+    iterations_sum: float = 0.0  # AdaMatrix iterations
+    last_rel_error: float | None = None
+    fallbacks: int = 0  # AdaMatrix diverged: the exact gram solver was used
+    clamped: int = 0  # a chunk had fewer rows than the fixed rank: rank cut to min(b t, d)
+    rr_seconds: float = 0.0  # factorization time inside forwards (SDRM's RR phase)
+    fit_seconds: float = 0.0  # calibration time in apply (subspace=calibrated)
+    forward_seconds: float = 0.0  # whole forwards
+    last_block: int = 0
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, f.default)
+
+
+def _now(sync: bool) -> float:
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# --- the attention module -----------------------------------------------------------------------------------
+class SDRMAttention(MultiHeadSelfAttention):
+    """Multi-head self-attention on a rank-r t-SVD of its input (SDRM Eq. 14, Algorithms 2 and 4).
+
+    The parameters of :class:`~lrk.models.MultiHeadSelfAttention` (``qkv``: Linear(dim, 3 dim) laid out
+    [q | k | v], ``proj``), so ``SDRMAttention.from_attention(dense, energy=0.9, ...)`` copies its weights.
+    Buffers ``basis`` ([dim, dim]), ``basis_rank`` and ``basis_energy`` hold the frozen basis of
+    ``subspace='calibrated'`` (set by :meth:`fit_basis`); they travel with checkpoints.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        energy: float | None = None,
+        rank: int | None = None,
+        solver: str = DEFAULT_SOLVER,
+        svd_batch_size: int | None = None,
+        block_size: int | str | None = None,
+        subspace: str = "batch",
+        adamatrix: dict[str, Any] | None = None,
+        head_loop: bool = False,
+        block_keys: bool = False,
+        block_budget_mb: float = DEFAULT_BLOCK_BUDGET_MB,
+        core: str = "auto",
+        layer_name: str = "attn",
+    ) -> None:
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        if energy is None and rank is None:
+            energy = PAPER_ENERGY  # the paper's phi (Fig. 6 caption)
+        check_settings(energy, rank, solver, svd_batch_size, block_size, subspace, block_budget_mb, core)
+        if rank is not None and rank > dim:
+            raise LrkConfigError(
+                f"decomp.rank={rank} is invalid for attention of dim {dim}: it must lie in [1, {dim}] (min(b t, d))"
+            )
+        self.energy = None if energy is None else float(energy)
+        self.rank = rank
+        self.solver = solver
+        self.svd_batch_size = svd_batch_size
+        self.block_size = block_size
+        self.subspace = subspace
+        self.adamatrix_options = dict(adamatrix or {})
+        self.head_loop = bool(head_loop)
+        self.block_keys = bool(block_keys)
+        self.block_budget_mb = float(block_budget_mb)
+        self.core = core
+        self.layer_name = layer_name
+        self.register_buffer("basis", torch.zeros(dim, dim))
+        self.register_buffer("basis_rank", torch.zeros((), dtype=torch.long))
+        self.register_buffer("basis_energy", torch.zeros((), dtype=torch.float64))
+        self.stats = SDRMStats()
+        self._ada: AdaMatrixSolver | None = None
+        if solver == "adamatrix":
+            try:
+                self._ada = AdaMatrixSolver(rank=rank, energy=self.energy, **self.adamatrix_options)
+            except (TypeError, ValueError) as exc:
+                raise LrkConfigError(f"decomp.adamatrix={self.adamatrix_options} is invalid: {exc}") from exc
+        self.block_control = AdaptiveBlockSize(block_budget_mb) if block_size == "adaptive" else None
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {
+            **super().init_kwargs(),
+            "energy": self.energy,
+            "rank": self.rank,
+            "solver": self.solver,
+            "svd_batch_size": self.svd_batch_size,
+            "block_size": self.block_size,
+            "subspace": self.subspace,
+            "adamatrix": dict(self.adamatrix_options),
+            "head_loop": self.head_loop,
+            "block_keys": self.block_keys,
+            "block_budget_mb": self.block_budget_mb,
+            "core": self.core,
+            "layer_name": self.layer_name,
+        }
+
+    def extra_repr(self) -> str:
+        policy = f"energy={self.energy}" if self.rank is None else f"rank={self.rank}"
+        return (
+            f"dim={self.dim}, heads={self.num_heads}, {policy}, solver={self.solver}, "
+            f"svd_batch_size={self.svd_batch_size}, block_size={self.block_size}, subspace={self.subspace}, "
+            f"core={self.core}"
+        )
+
+    # --- the calibrated basis ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_basis(self, gram: torch.Tensor, tokens: int) -> None:
+        """Freeze the basis of ``subspace='calibrated'``: the leading eigenvectors of ``gram`` = sum of Y^T Y
+        over the calibration batches (= the right singular vectors of all their tokens stacked), rank r by the
+        energy rule (Eqs. 2-3) or the fixed ``rank`` (which must not exceed min(tokens, d))."""
+        start = time.perf_counter()
+        gram = gram.detach().double()
+        with small_lapack_threads(gram.device):
+            evals, evecs = torch.linalg.eigh(gram)
+        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+        limit = min(tokens, self.dim)
+        if self.rank is not None:
+            if self.rank > limit:
+                raise LrkConfigError(
+                    f"decomp.rank={self.rank} is invalid: the calibration tokens of '{self.layer_name}' "
+                    f"({tokens} x {self.dim}) have at most {limit} components"
+                )
+            r = self.rank
+        else:
+            r = min(energy_rank(evals.sqrt(), self.energy), limit)  # type: ignore[arg-type]
+        total = float(evals.sum())
+        self.basis.copy_(evecs.to(self.basis.dtype))
+        self.basis_rank.fill_(r)
+        self.basis_energy.fill_(float(evals[:r].sum()) / total if total > 0 else 1.0)
+        self.stats.fit_seconds += time.perf_counter() - start
+
+    # --- rank reduction ------------------------------------------------------------------------------------
+    def _factorize(self, Y: torch.Tensor) -> TruncatedSVD:
+        """t-SVD of one chunk Y ([m, d]) by the configured solver; AdaMatrix divergence -> exact gram."""
+        limit = min(Y.shape)
+        rank = self.rank
+        if rank is not None and rank > limit:  # a short final chunk: keep every component it has
+            rank = limit
+            self.stats.clamped += 1
+        try:
+            if self.solver == "adamatrix":
+                if rank == self.rank:
+                    result = self._ada(Y)  # type: ignore[misc]  (warm start across chunks and batches)
+                else:
+                    result = adamatrix_svd(Y, rank=rank, **self.adamatrix_options)
+                if not bool(torch.isfinite(result.V).all() and torch.isfinite(result.S).all()):
+                    log.warning("SDRM %s: AdaMatrix returned non-finite factors; using gram", self.layer_name)
+                    exact = gram_svd(Y, rank, None if rank is not None else self.energy)
+                    exact.fell_back = True
+                    result = exact
+                    if self._ada is not None:
+                        self._ada.reset()
+            else:
+                result = truncated_svd(
+                    Y, rank=rank, energy=None if rank is not None else self.energy, solver=self.solver
+                )
+        except ValueError as exc:
+            if "not finite" in str(exc):
+                raise FloatingPointError(
+                    f"SDRM attention '{self.layer_name}' received non-finite inputs (NaN/inf): the model diverged "
+                    "before this layer; lower model.lr or check the data"
+                ) from exc
+            raise
+        if result.fell_back:
+            self.stats.fallbacks += 1
+        return result
+
+    def _bases(self, x: torch.Tensor) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Per chunk: (first image, end image, V_r [d, r], Z = X_chunk V_r [c, T, r]), recording the statistics
+        (Algorithm 1, Eqs. 2-3). Z = U_r S_r of Eq. 14 (exactly, for an SVD) and carries the gradient to x."""
+        batch, tokens, dim = x.shape
+        st = self.stats
+        if self.subspace == "calibrated":
+            r = int(self.basis_rank)
+            if r == 0:
+                raise RuntimeError(
+                    f"SDRM attention '{self.layer_name}' has subspace='calibrated' but no basis: apply decomp=sdrm "
+                    "with calibration batches (decomp.calibration_batches >= 1) or call fit_basis()"
+                )
+            V = self.basis[:, :r].to(x.dtype)
+            Z = x @ V
+            with torch.no_grad():  # the frozen basis's energy on this batch: ||X V||^2 / ||X||^2 (monitoring)
+                total = float(torch.linalg.vector_norm(x.detach())) ** 2
+                kept = float(torch.linalg.vector_norm(Z.detach())) ** 2
+            energy = min(kept / total, 1.0) if total > 0 else 1.0
+            self._record(r, energy, math.sqrt(max(1.0 - energy, 0.0)), batch, tokens, 0)
+            return [(0, batch, V, Z)]
+        chunk = self.svd_batch_size or batch
+        out = []
+        sync = x.is_cuda
+        for s in range(0, batch, chunk):
+            e = min(batch, s + chunk)
+            Y = x[s:e].detach().reshape(-1, dim)  # Algorithm 1 l.2: Y = reshape(X_i, (b t, d))
+            start = _now(sync)
+            result = self._factorize(Y)
+            st.rr_seconds += _now(sync) - start
+            self._record(result.rank, result.energy, result.rel_error, e - s, tokens, result.iterations)
+            V = result.V.detach().to(x.dtype)
+            out.append((s, e, V, x[s:e] @ V))
+        return out
+
+    def _record(
+        self, rank: int, energy: float, rel_error: float, images: int, tokens: int, iterations: int
+    ) -> None:
+        st = self.stats
+        st.factorizations += 1
+        st.rank_sum += rank
+        st.energy_sum += energy
+        st.rel_error_sum += rel_error
+        st.cr_sum += tsvd_compression_ratio(images, tokens, self.dim, rank)
+        st.iterations_sum += iterations
+        st.last_rel_error = rel_error
+
+    def _project(
+        self, bases: list[tuple[int, int, torch.Tensor, torch.Tensor]], rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Eq. 14 evaluated as (Y V_r)(V_r^T W) (+ bias) for the output ``rows`` of qkv (all when None)."""
+        W, b = self.qkv.weight, self.qkv.bias
+        if rows is not None:
+            W = W.index_select(0, rows)
+            b = None if b is None else b.index_select(0, rows)
+        parts = [F.linear(Z, W @ V, b) for _, _, V, Z in bases]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def _factored(self, Z: torch.Tensor, V: torch.Tensor, block: int | None, drop: float) -> torch.Tensor:
+        """Attention of one chunk with Eq. 14's rank-r factors kept factored (lrk's evaluation order, exact):
+        with Z' = [X V_r, 1] ([c, T, r+1]) and P_h = [W_h V_r, b_h] per head, Q_h K_h^T = Z' (P_q^T P_k) Z'^T and
+        softmax(.) V_h = (softmax(.) Z') P_v^T, so the T x T products cost T^2 (r+1) instead of T^2 d_h."""
+        c, tokens, _ = Z.shape
+        heads, hd = self.num_heads, self.head_dim
+        P = self.qkv.weight @ V  # [3d, r]: V_r^T W of Eq. 14 for q, k and v
+        if self.qkv.bias is not None:
+            P = torch.cat([P, self.qkv.bias[:, None]], dim=1)
+            Z = torch.cat([Z, Z.new_ones(c, tokens, 1)], dim=-1)
+        k1 = P.shape[1]
+        Pq, Pk, Pv = P.reshape(3, heads, hd, k1).unbind(0)  # rows of W: [q | k | v], each split into heads
+        M = Pq.transpose(1, 2) @ Pk * hd**-0.5  # [H, r+1, r+1]: Q_h K_h^T / sqrt(d_k) = Z' M_h Z'^T
+        Zh = Z[:, None]  # [c, 1, T, r+1]
+        q = Zh @ M  # [c, H, T, r+1]
+        kv = Zh.expand(c, heads, tokens, k1)
+        A = blockwise_attention(q, kv, kv, block, self.block_keys, drop, scale=1.0)  # softmax(.) Z'
+        out = A @ Pv.transpose(1, 2)  # [c, H, T, d_h]
+        return out.transpose(1, 2).reshape(c, tokens, self.dim)
+
+    def _use_factored(self, bases: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> bool:
+        if self.head_loop or self.core == "qkv":
+            return False
+        bias = int(self.qkv.bias is not None)
+        return self.core == "factored" or max(V.shape[1] for _, _, V, _ in bases) + bias < self.head_dim
+
+    def _block(self, batch: int, tokens: int, x: torch.Tensor) -> int | None:
+        if self.block_control is not None:
+            return self.block_control.choose(batch, self.num_heads, tokens, tokens, x.element_size())
+        if self.block_size is not None and self.block_size > tokens:  # type: ignore[operator]
+            check_tokens(self.block_size, None, None, tokens, self.dim)
+        return self.block_size  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        sync = x.is_cuda
+        start = _now(sync)
+        heads, hd = self.num_heads, self.head_dim
+        bases = self._bases(x)
+        block = self._block(batch, tokens, x)
+        drop = self.attn_drop if self.training else 0.0
+        core_start = _now(sync)
+        if self._use_factored(bases):
+            outs = [self._factored(Z, V, block, drop) for _, _, V, Z in bases]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        elif not self.head_loop:
+            qkv = self._project(bases, None).reshape(batch, tokens, 3, heads, hd)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # Algorithm 2: heads split by feature columns
+            out = blockwise_attention(q, k, v, block, self.block_keys, drop).transpose(1, 2)
+            out = out.reshape(batch, tokens, dim)
+        else:  # Algorithm 2 as written: one head at a time, on its own columns of W^Q, W^K, W^V
+            outs = []
+            for h in range(heads):
+                cols = torch.arange(h * hd, (h + 1) * hd, device=x.device)
+                rows = torch.cat([cols, cols + dim, cols + 2 * dim])
+                q, k, v = self._project(bases, rows).split(hd, dim=-1)
+                outs.append(blockwise_attention(q, k, v, block, self.block_keys, drop))
+            out = torch.cat(outs, dim=-1)  # Algorithm 2 l.8 / Eq. 18: concatenate the heads
+        if self.block_control is not None:
+            self.block_control.update(block or tokens, _now(sync) - core_start, batch * tokens)
+        out = self.proj_drop(self.proj(out))  # Eq. 19: W^O
+        self.stats.forwards += 1
+        self.stats.last_block = block or tokens
+        self.stats.forward_seconds += _now(sync) - start
+        return out
+
+
+# --- collecting the figures of a run ---------------------------------------------------------------------
+def sdrm_modules(model: nn.Module) -> list[tuple[str, SDRMAttention]]:
+    """Every SDRM attention module of ``model`` with its name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SDRMAttention)]
+
+
+def reset_sdrm_stats(model: nn.Module) -> None:
+    """Zero the statistics of every SDRM module (e.g. before a fit, so that the figures cover the fit only)."""
+    for _, module in sdrm_modules(model):
+        module.stats.reset()
+
+
+def sdrm_metrics(model: nn.Module) -> dict[str, float]:
+    """SDRM's figures summed/averaged over the SDRM modules of ``model`` since apply (or the last reset).
+
+    ``time/rr_s``: factorization seconds inside forwards + calibration seconds in apply (SDRM's RR phase);
+    ``time/rr_forward_s``: the part inside forwards (inside PhaseTimer's ``time/mha_s``: the paper's MHA phase is
+    ``time/mha_s - time/rr_forward_s`` over the same forwards);
+    ``time/sdrm_attention_s``: wall time of the SDRM forwards (the t-SVD included); ``decomp/rank_mean``,
+    ``decomp/energy``, ``decomp/rel_error_mean``, ``decomp/cr`` (Theorem 1): means over all factorizations
+    (one per chunk per forward and layer); ``decomp/adamatrix_iterations_mean`` and
+    ``decomp/adamatrix_rel_error`` (the last factorization's relative error, averaged over layers) with
+    solver=adamatrix; ``decomp/fallbacks`` (AdaMatrix diverged -> gram), ``decomp/rank_clamped``,
+    ``decomp/factorizations``, ``decomp/block_size`` (mean last block size). {} without SDRM modules; the
+    averages are left out while nothing has been factorized (no NaN).
+    """
+    modules = [m for _, m in sdrm_modules(model)]
+    if not modules:
+        return {}
+    stats = [m.stats for m in modules]
+    n = sum(s.factorizations for s in stats)
+    out: dict[str, float] = {
+        "time/rr_s": float(sum(s.rr_seconds + s.fit_seconds for s in stats)),
+        "time/rr_forward_s": float(sum(s.rr_seconds for s in stats)),
+        "time/sdrm_attention_s": float(sum(s.forward_seconds for s in stats)),
+        "decomp/factorizations": float(n),
+        "decomp/fallbacks": float(sum(s.fallbacks for s in stats)),
+        "decomp/rank_clamped": float(sum(s.clamped for s in stats)),
+    }
+    if n:
+        out["decomp/rank_mean"] = sum(s.rank_sum for s in stats) / n
+        out["decomp/energy"] = sum(s.energy_sum for s in stats) / n
+        out["decomp/rel_error_mean"] = sum(s.rel_error_sum for s in stats) / n
+        out["decomp/cr"] = sum(s.cr_sum for s in stats) / n
+    ada = [
+        m.stats
+        for m in modules
+        if m.solver == "adamatrix" and m.subspace == "batch" and m.stats.factorizations
+    ]
+    if ada:
+        out["decomp/adamatrix_iterations_mean"] = sum(s.iterations_sum for s in ada) / sum(
+            s.factorizations for s in ada
+        )
+        out["decomp/adamatrix_rel_error"] = sum(float(s.last_rel_error or 0.0) for s in ada) / len(ada)
+    blocks = [s.last_block for s in stats if s.forwards]
+    if blocks:
+        out["decomp/block_size"] = float(sum(blocks) / len(blocks))
+    return out
+
+
+# --- the method ---------------------------------------------------------------------------------------------
+@register_method("sdrm")
+class SDRMMethod(AttentionSwapMethod):
+    """``decomp=sdrm``: every attention module (or those matching ``targets``, minus ``skip``) becomes an
+    :class:`SDRMAttention` with the same weights. Keys (conf/decomp/sdrm.yaml): ``energy`` (phi) or ``rank``
+    (``default_energy`` applies when both are null), ``solver``, ``svd_batch_size``, ``block_size``,
+    ``block_keys``, ``block_budget_mb``, ``subspace``, ``head_loop``, ``adamatrix`` (options of
+    :class:`~lrk.linalg.adamatrix.AdaMatrixSolver`), plus the common ``stage``, ``calibration_batches`` ...
+    """
+
+    supported = "the attention modules (lrk.models.AttentionBase) of a ViT/DeiT backbone"
+    extra_keys: ClassVar[dict[str, Any]] = {
+        "default_energy": PAPER_ENERGY,
+        "solver": DEFAULT_SOLVER,
+        "svd_batch_size": 16,
+        "block_size": None,
+        "block_keys": False,
+        "block_budget_mb": DEFAULT_BLOCK_BUDGET_MB,
+        "subspace": "batch",
+        "head_loop": False,
+        "core": "auto",
+        "adamatrix": {},
+    }
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        c = self.cfg
+        if c["ratio"] is not None:
+            raise LrkConfigError(
+                f"decomp.ratio={c['ratio']} is invalid for decomp=sdrm: SDRM reduces the rank of activations, "
+                "not weights; set decomp.energy (phi) or decomp.rank"
+            )
+        for key in ("rank_multiple", "min_rank"):
+            if c[key] not in (None, 1):
+                raise LrkConfigError(
+                    f"decomp.{key}={c[key]} is invalid for decomp=sdrm: it supports only 1 (the default)"
+                )
+        energy, rank = c["energy"], c["rank"]
+        if energy is None and rank is None:
+            energy = c["default_energy"]
+        check_settings(
+            energy,
+            rank,
+            c["solver"],
+            c["svd_batch_size"],
+            c["block_size"],
+            c["subspace"],
+            c["block_budget_mb"],
+            c["core"],
+        )
+        for key in ("block_keys", "head_loop"):
+            if not isinstance(c[key], bool):
+                raise LrkConfigError(f"decomp.{key}={c[key]!r} is invalid: it must be true or false")
+        options = c["adamatrix"] or {}
+        if not isinstance(options, dict):
+            raise LrkConfigError(
+                f"decomp.adamatrix={options!r} is invalid: it must be a mapping of AdaMatrix options"
+            )
+        options = {k: v for k, v in options.items() if v is not None}  # null = the variant's default
+        if "lambdas" in options:
+            options["lambdas"] = tuple(options["lambdas"])
+        if "betas" in options:
+            options["betas"] = tuple(options["betas"])
+        try:
+            AdaMatrixSolver(rank=rank, energy=None if rank is not None else energy, **options)
+        except (TypeError, ValueError) as exc:
+            raise LrkConfigError(f"decomp.adamatrix={options} is invalid: {exc}") from exc
+        calib = c["calibration_batches"]
+        if calib is not None and not (_is_int(calib) and calib >= 0):
+            raise LrkConfigError(
+                f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0"
+            )
+        if c["subspace"] == "calibrated" and calib == 0:
+            raise LrkConfigError(
+                "decomp.calibration_batches=0 is invalid for decomp.subspace=calibrated: the basis is fitted on "
+                "calibration batches; use >= 1"
+            )
+        self.settings: dict[str, Any] = {
+            "energy": None if rank is not None else float(energy),
+            "rank": rank,
+            "solver": c["solver"],
+            "svd_batch_size": c["svd_batch_size"],
+            "block_size": c["block_size"],
+            "block_keys": c["block_keys"],
+            "block_budget_mb": float(c["block_budget_mb"]),
+            "subspace": c["subspace"],
+            "head_loop": c["head_loop"],
+            "core": c["core"],
+            "adamatrix": options,
+        }
+
+    def prepare(
+        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
+    ) -> dict[str, Any]:
+        """Token-count checks; for ``subspace=calibrated`` the Gram matrices of every target's calibration inputs."""
+        s = self.settings
+        tokens = token_count(model)
+        for _, module in targets:  # without a known T, rank <= d is checked when the modules are built
+            if tokens is not None:
+                check_tokens(s["block_size"], s["rank"], s["svd_batch_size"], tokens, module.dim)
+        context: dict[str, Any] = {"grams": {}, "tokens": {}, "seconds": {}}
+        if s["subspace"] != "calibrated":
+            return context
+        if not batches:
+            raise LrkConfigError(
+                "decomp.subspace=calibrated needs calibration batches (decomp.calibration_batches >= 1), got none"
+            )
+        if self.stage == "init":
+            log.warning(
+                "decomp=sdrm subspace=calibrated with stage=init: the basis is fitted to the untrained model's "
+                "attention inputs and stays frozen while the weights train; stage=post fits it to a trained model"
+            )
+        grams, counts, seconds = context["grams"], context["tokens"], context["seconds"]
+
+        def accumulate(name: str, x: torch.Tensor) -> None:
+            start = time.perf_counter()
+            Y = x.reshape(-1, x.shape[-1]).double()
+            if name in grams:
+                grams[name] += Y.T @ Y
+            else:
+                grams[name] = Y.T @ Y
+            counts[name] = counts.get(name, 0) + Y.shape[0]
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+        collect_attention_inputs(model, [n for n, _ in targets], batches, accumulate)
+        return context
+
+    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> SDRMAttention:
+        new = SDRMAttention.from_attention(module, **self.settings, layer_name=name)
+        if name in context["grams"]:
+            new.fit_basis(context["grams"][name], context["tokens"][name])
+            new.stats.fit_seconds += context["seconds"][name]
+        return new
+
+    def finish(
+        self,
+        model: nn.Module,
+        built: list[tuple[str, AttentionBase, AttentionBase]],
+        batches: list[Any],
+        context: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """One row per swapped module: what the rank rule did on the calibration batches (their t-SVDs with the
+        configured solver and chunks, or the calibrated basis). The run statistics then start from zero; the
+        calibration time stays in ``stats.fit_seconds`` (part of ``time/rr_s``)."""
+        calibrated = self.settings["subspace"] == "calibrated"
+        if batches and not calibrated:
+            collect_attention_inputs(
+                model, [], batches, lambda n, x: None
+            )  # run them through the SDRM modules
+        rows = []
+        tokens = token_count(model)
+        for name, old, new in built:
+            assert isinstance(new, SDRMAttention)
+            st = new.stats
+            n = st.factorizations
+            kind = f"sdrm_{self.settings['subspace']}"
+            if calibrated:  # the frozen basis, fitted on all calibration tokens
+                rank, energy = float(new.basis_rank), float(new.basis_energy)
+                rel = math.sqrt(max(1.0 - energy, 0.0))
+            elif n:  # the rank rule on the calibration batches' t-SVDs
+                rank, energy, rel = st.rank_sum / n, st.energy_sum / n, st.rel_error_sum / n
+            else:  # no calibration batch: the bounds the configuration promises (rank <= r or d, energy >= phi)
+                kind += "_bounds"
+                rank = float(new.rank if new.rank is not None else new.dim)
+                energy = float(new.energy) if new.energy is not None else 0.0
+                rel = math.sqrt(max(1.0 - energy, 0.0))
+            rows.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "shape": [tokens or 0, new.dim],
+                    "rank": float(rank),
+                    "ranks": [round(rank)],
+                    "params_before": sum(p.numel() for p in old.parameters()),
+                    "params_after": sum(p.numel() for p in new.parameters()),
+                    "rel_error": float(rel),
+                    "energy": float(energy),
+                    "seconds": float(st.rr_seconds + st.fit_seconds),
+                }
+            )
+            fit = st.fit_seconds + st.rr_seconds
+            st.reset()
+            st.fit_seconds = fit
+        return rows

@@ -1,0 +1,312 @@
+"""``decomp=trawl``: the TRAWL baseline (Luo et al. 2024, cited as [51] by seeds/sdrm_paper.txt section 5.1):
+stack same-shaped weights of different layers into one higher-order tensor and decompose it with
+Tucker or CP, so that the layers share factors.
+
+Groups: the target layers are grouped by type and weight shape, e.g. the twelve ``blocks.*.attn.qkv`` of a
+ViT form a 12 x 1152 x 384 tensor, the ``blocks.*.mlp.fc1`` another; ResNet's same-shaped 3x3 kernels
+(e.g. the four 64x64x3x3 of layer1) a 4 x 64 x 64 x 3 x 3 one. A group of one layer is decomposed alone.
+
+``decomposition: tucker`` (default): Tucker along the channel modes (HOSVD + HOOI, TensorLy
+``partial_tucker``): every layer of the group shares ``U_out`` (S x R2) and ``U_in`` (C x R1) and keeps
+its own core (R2 x R1 x kh x kw); with ``layer_rank: K < L`` the layer mode is decomposed too, and each
+layer's core is a mix (K coefficients) of K shared cores. ``decomposition: cp``: a CP of the stack;
+the layers share the output, input (and spatial) factors and keep a vector of R scales each:
+``W_l = A diag(lambda * L[l]) B^T``.
+
+Ranks are chosen per group with the shared policy: ``rank`` (R1 = R2 = rank, or the CP rank), ``ratio``
+(of the group's dense parameters), ``energy`` (per channel-mode unfolding of the stack; for CP the
+largest of the per-mode energy ranks). Shared parameters are ``nn.Parameter`` objects held by one
+:class:`TrawlShared` module that every layer of the group registers, so ``model.parameters()`` counts them
+once and fine-tuning updates them for all layers. In the report each layer is charged its own
+parameters plus 1/L of the group's shared ones.
+
+Default targets: every Linear except the classifier head and every Conv2d (groups=1) except the stem.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lrk.decomp.base import DecompMethod, FactorizedLayer, _describe, own_params, register_method
+from lrk.decomp.rank_policy import FixedRank, RankProblem, Ranks
+from lrk.decomp.svd import conv_support_error
+from lrk.errors import LrkConfigError
+from lrk.linalg.cp import cp_als, cp_params, cp_rank_bound
+from lrk.linalg.tucker import mode_singular_values, tucker2
+
+DECOMPOSITIONS = ("tucker", "cp")
+
+
+class TrawlShared(nn.Module):
+    """The factors that every layer of a TRAWL group shares.
+
+    Tucker: ``out_factor`` (S x R2), ``in_factor`` (C x R1), optionally ``core_basis`` (K x R2 x R1 x kh x kw).
+    CP: ``out_factor`` (S x R), ``in_factor`` (C x R), ``spatial`` (R x kh x kw).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        out_factor: torch.Tensor,
+        in_factor: torch.Tensor,
+        core_basis: torch.Tensor | None = None,
+        spatial: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.out_factor = nn.Parameter(out_factor.detach().clone())
+        self.in_factor = nn.Parameter(in_factor.detach().clone())
+        self.core_basis = nn.Parameter(core_basis.detach().clone()) if core_basis is not None else None
+        self.spatial = nn.Parameter(spatial.detach().clone()) if spatial is not None else None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+
+class _TrawlLayer(FactorizedLayer):
+    """One layer of a group: the shared factors plus its own ``core`` (Tucker), ``coef`` (Tucker with a
+    layer rank, or CP scales) and bias."""
+
+    def __init__(
+        self,
+        shared: TrawlShared,
+        ranks: Ranks,
+        core: torch.Tensor | None,
+        coef: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.ranks = tuple(ranks)
+        self.shared = shared
+        self.core = nn.Parameter(core.detach().clone()) if core is not None else None
+        self.coef = nn.Parameter(coef.detach().clone()) if coef is not None else None
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def layer_core(self) -> torch.Tensor:
+        """Tucker: this layer's core (R2 x R1 x kh x kw)."""
+        if self.core is not None:
+            return self.core
+        return torch.einsum("k,k...->...", self.coef, self.shared.core_basis)
+
+    def dense_weight(self) -> torch.Tensor:
+        s = self.shared
+        if s.kind == "tucker":
+            return torch.einsum("sa,abhw,cb->schw", s.out_factor, self.layer_core(), s.in_factor)
+        spatial = s.spatial if s.spatial is not None else torch.ones_like(self.coef)[:, None, None]
+        return torch.einsum("sr,r,cr,rhw->schw", s.out_factor, self.coef, s.in_factor, spatial)
+
+
+class TrawlLinear(_TrawlLayer):
+    def dense_weight(self) -> torch.Tensor:
+        return super().dense_weight()[:, :, 0, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.shared
+        t = x @ s.in_factor
+        t = t @ self.layer_core()[:, :, 0, 0].T if s.kind == "tucker" else t * self.coef
+        return F.linear(t, s.out_factor, self.bias)
+
+
+class TrawlConv2d(_TrawlLayer):
+    def __init__(self, conv: nn.Conv2d, shared: TrawlShared, ranks: Ranks, core, coef) -> None:
+        super().__init__(shared, ranks, core, coef, conv.bias)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.shared
+        t = F.conv2d(x, s.in_factor.T[:, :, None, None])
+        if s.kind == "tucker":
+            t = F.conv2d(
+                t, self.layer_core(), stride=self.stride, padding=self.padding, dilation=self.dilation
+            )
+        else:
+            weight = (s.spatial * self.coef[:, None, None])[:, None]
+            t = F.conv2d(
+                t, weight, stride=self.stride, padding=self.padding, dilation=self.dilation, groups=t.shape[1]
+            )
+        return F.conv2d(t, s.out_factor[:, :, None, None], self.bias)
+
+
+def group_key(module: nn.Module) -> tuple[str, tuple[int, ...]]:
+    return type(module).__name__, tuple(module.weight.shape)
+
+
+@register_method("trawl")
+class TrawlMethod(DecompMethod):
+    """Stacked same-shaped weights decomposed jointly (Tucker or CP), factors shared across the group."""
+
+    supported = "Linear and Conv2d (groups=1, padding_mode='zeros'), grouped by weight shape"
+    extra_keys: ClassVar[dict[str, Any]] = {
+        "decomposition": "tucker",
+        "layer_rank": None,
+        "n_iter_max": None,
+        "tol": 1e-5,
+    }
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        kind = self.cfg["decomposition"]
+        if kind not in DECOMPOSITIONS:
+            raise LrkConfigError(
+                f"decomp.decomposition={kind!r} is invalid: it must be one of {list(DECOMPOSITIONS)}"
+            )
+        self.kind = kind
+        layer_rank = self.cfg["layer_rank"]
+        if layer_rank is not None and not (
+            isinstance(layer_rank, int) and not isinstance(layer_rank, bool) and layer_rank >= 1
+        ):
+            raise LrkConfigError(
+                f"decomp.layer_rank={layer_rank!r} is invalid: it must be an integer >= 1 or null"
+            )
+        self.layer_rank = layer_rank
+        n_iter = self.cfg["n_iter_max"]
+        if n_iter is None:  # tucker: the plain HOSVD; cp: 25 ALS sweeps
+            n_iter = 0 if kind == "tucker" else 25
+        if not (
+            isinstance(n_iter, int)
+            and not isinstance(n_iter, bool)
+            and n_iter >= (0 if kind == "tucker" else 1)
+        ):
+            raise LrkConfigError(
+                f"decomp.n_iter_max={n_iter!r} is invalid: it must be an integer >= {0 if kind == 'tucker' else 1} "
+                "(HOOI sweeps for tucker, ALS sweeps for cp) or null"
+            )
+        self.n_iter_max, self.tol = n_iter, float(self.cfg["tol"])
+
+    def support_error(self, name: str, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Linear):
+            return None
+        reason = conv_support_error(module)
+        if reason is None and module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported, only 'zeros'"
+        return reason
+
+    def is_default_target(self, name: str, module: nn.Module, context: dict[str, Any]) -> bool:
+        return name not in context["heads"] and name != context["stem"]
+
+    def group_problem(self, names: list[str], modules: list[nn.Module]) -> RankProblem:
+        first = modules[0]
+        stack = torch.stack(
+            [m.weight.detach().reshape(m.weight.shape[0], m.weight.shape[1], -1) for m in modules]
+        )
+        n_layers, s_out, c_in, k2 = stack.shape
+        bias_n = sum(m.bias.numel() for m in modules if m.bias is not None)
+        dense = stack.numel() + bias_n
+        label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} same-shaped)"
+        description = f"group of {n_layers} x {_describe(first)}"
+        if self.kind == "tucker":
+            layer_rank = self.layer_rank
+            if layer_rank is not None and layer_rank > n_layers:
+                raise LrkConfigError(
+                    f"decomp.layer_rank={layer_rank} is invalid for group '{label}' of {n_layers} layers: "
+                    f"it must lie in [1, {n_layers}]"
+                )
+            per_layer = n_layers if layer_rank is None or layer_rank == n_layers else None
+
+            def params(ranks: Ranks) -> int:
+                r_out, r_in = ranks
+                shared = s_out * r_out + c_in * r_in
+                if per_layer is not None:
+                    return shared + n_layers * r_out * r_in * k2 + bias_n
+                return shared + layer_rank * r_out * r_in * k2 + n_layers * layer_rank + bias_n
+
+            return RankProblem(
+                layer=label,
+                description=description,
+                limits=(min(s_out, n_layers * c_in * k2), min(c_in, n_layers * s_out * k2)),
+                scalar_limit=min(s_out, c_in),
+                from_scalar=lambda r: (r, r),
+                params=params,
+                dense_params=dense,
+                spectra=lambda: [mode_singular_values(stack, 1), mode_singular_values(stack, 2)],
+                notes={"kind": "trawl_tucker", "stack": stack},
+            )
+        cp_stack = stack if k2 > 1 else stack[..., 0]
+        dims = tuple(cp_stack.shape)
+        bound = cp_rank_bound(dims)
+        return RankProblem(
+            layer=label,
+            description=description,
+            limits=(bound,),
+            scalar_limit=bound,
+            from_scalar=lambda r: (r,),
+            params=lambda ranks: cp_params(dims, ranks[0]) + bias_n,
+            dense_params=dense,
+            spectra=lambda: [mode_singular_values(cp_stack, m) for m in range(cp_stack.ndim)],
+            from_energy=lambda ranks: (max(ranks),),
+            notes={"kind": "trawl_cp", "stack": cp_stack},
+        )
+
+    def build_group(
+        self, names: list[str], modules: list[nn.Module], ranks: Ranks, problem: RankProblem
+    ) -> list[FactorizedLayer]:
+        stack = problem.notes["stack"]
+        first = modules[0]
+        kh, kw = (1, 1) if isinstance(first, nn.Linear) else first.kernel_size
+        dtype = first.weight.dtype
+        n_layers = len(modules)
+        cores: list[torch.Tensor | None] = [None] * n_layers
+        coefs: list[torch.Tensor | None] = [None] * n_layers
+        if self.kind == "tucker":
+            r_out, r_in = ranks
+            core, u_out, u_in = tucker2(
+                stack, (r_out, r_in), n_iter_max=self.n_iter_max, tol=self.tol, modes=(1, 2)
+            )
+            core = core.reshape(n_layers, r_out, r_in, kh, kw)
+            basis = None
+            if self.layer_rank is None or self.layer_rank == n_layers:
+                cores = list(core.to(dtype))
+            else:  # Tucker of the layer mode of the core: core_l = sum_k U_L[l, k] basis_k
+                layer_core, layer_factor, _ = tucker2(
+                    core.reshape(n_layers, -1, 1), (self.layer_rank, 1), n_iter_max=0, modes=(0, 2)
+                )
+                basis = layer_core.reshape(self.layer_rank, r_out, r_in, kh, kw).to(dtype)
+                coefs = list(layer_factor.to(dtype))
+            shared = TrawlShared("tucker", u_out.to(dtype), u_in.to(dtype), core_basis=basis)
+        else:
+            result = cp_als(stack, ranks[0], n_iter_max=self.n_iter_max, tol=self.tol)
+            factors = result.factors
+            scales = factors[0] * result.weights  # (L, R)
+            spatial = factors[3].T.reshape(-1, kh, kw).to(dtype) if stack.ndim == 4 else None
+            shared = TrawlShared("cp", factors[1].to(dtype), factors[2].to(dtype), spatial=spatial)
+            coefs = list(scales.to(dtype))
+        shared = shared.to(first.weight.device)
+        out: list[FactorizedLayer] = []
+        for m, core_l, coef_l in zip(modules, cores, coefs, strict=True):
+            if isinstance(m, nn.Linear):
+                out.append(TrawlLinear(shared, ranks, core_l, coef_l, m.bias))
+            else:
+                out.append(TrawlConv2d(m, shared, ranks, core_l, coef_l))
+        return [layer.to(first.weight.device) for layer in out]
+
+    def decompose(self, targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, dict[str, Any]]]:
+        assert self.policy is not None
+        groups: OrderedDict[tuple, list[tuple[str, nn.Module]]] = OrderedDict()
+        for name, module in targets:
+            groups.setdefault(group_key(module), []).append((name, module))
+        selector = self.policy.selector()
+        problems = [self.group_problem([n for n, _ in g], [m for _, m in g]) for g in groups.values()]
+        if isinstance(selector, FixedRank):
+            for p in problems:
+                selector.check(p)
+        built = []
+        for group, problem in zip(groups.values(), problems, strict=True):
+            names, modules = [n for n, _ in group], [m for _, m in group]
+            start = time.perf_counter()
+            ranks = self.policy.select(problem, selector)
+            layers = self.build_group(names, modules, ranks, problem)
+            seconds = time.perf_counter() - start
+            shared_params = own_params(layers[0].shared)
+            for name, module, layer in zip(names, modules, layers, strict=True):
+                row = self.row(name, module, layer, ranks, seconds / len(layers), problem)
+                row["params_after"] = own_params(layer) - shared_params + shared_params / len(layers)
+                row["group"] = problem.layer
+                row["group_size"] = len(layers)
+                built.append((name, layer, row))
+        return built

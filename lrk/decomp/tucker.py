@@ -1,0 +1,143 @@
+"""``decomp=tucker``: vanilla LRD of accelerating_lrd_paper (Fig. 1): a ``k x k`` convolution (k > 1) becomes
+1x1 (C -> R1), core ``k x k`` (R1 -> R2), 1x1 (R2 -> S) by Tucker-2 (Eqs. 4-6; HOSVD refined by HOOI,
+TensorLy ``partial_tucker``); Linear and 1x1 convolutions are "treated the same as 1x1 conv layers": SVD
+(Eqs. 1-3), as in ``decomp=svd``.
+
+Ranks: ``rank=r`` gives R1 = r and R2 = round(beta r); ``ratio`` starts from Eq. 7 (R2 = beta R1) and
+takes the nearest integer pair; ``energy`` applies the energy rule to each channel-mode unfolding
+(R2 from the output mode, R1 from the input mode). ``beta`` defaults to 1 (the paper's example:
+[512, 512, 3, 3] at 2x -> R1 = R2 = 309); ``beta: null`` means S / C.
+
+Default targets: every Conv2d (groups=1) except the stem, and every Linear except the classifier head.
+
+``n_iter_max`` (default 0: the truncated HOSVD) adds HOOI sweeps (TensorLy). They are slow on CPU:
+TensorLy's HOOI takes the SVD of wide unfoldings, and ResNet-18 with 10 sweeps took 540 s (shared
+2-core machine) against seconds for the HOSVD.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lrk.decomp.base import DecompMethod, FactorizedLayer, _describe, conv_like, register_method
+from lrk.decomp.rank_policy import RankProblem, Ranks
+from lrk.decomp.svd import _copy_bias, build_svd, conv_support_error, svd_problem
+from lrk.errors import LrkConfigError
+from lrk.linalg.tucker import mode_singular_values, tucker2, tucker2_params, tucker2_rank_eq7
+
+
+class TuckerConv2d(FactorizedLayer):
+    """``first`` 1x1 C -> R1 (U_in^T), ``core`` k x k R1 -> R2 (stride, padding, dilation of the dense conv),
+    ``last`` 1x1 R2 -> S (U_out, with the dense bias)."""
+
+    def __init__(self, conv: nn.Conv2d, ranks: tuple[int, int]) -> None:
+        super().__init__()
+        r_out, r_in = ranks
+        self.ranks = (r_out, r_in)
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        self.first = nn.Conv2d(conv.in_channels, r_in, 1, bias=False, **factory)
+        self.core = conv_like(conv, r_in, r_out)
+        self.last = nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None, **factory)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, int], n_iter_max: int = 0) -> TuckerConv2d:
+        """Tucker-2 of ``conv``'s kernel with ``ranks = (R2, R1)`` (output, input)."""
+        if conv.groups != 1:
+            raise ValueError(f"TuckerConv2d needs groups=1, got groups={conv.groups}")
+        layer = cls(conv, ranks)
+        core, u_out, u_in = tucker2(conv.weight, ranks, n_iter_max=n_iter_max)
+        layer.first.weight.data.copy_(u_in.T[:, :, None, None])
+        layer.core.weight.data.copy_(core)
+        layer.last.weight.data.copy_(u_out[:, :, None, None])
+        _copy_bias(layer.last, conv.bias)
+        return layer
+
+    @staticmethod
+    def param_count(
+        in_channels: int, out_channels: int, kernel: int, ranks: tuple[int, int], bias: bool = True
+    ) -> int:
+        return tucker2_params(out_channels, in_channels, kernel, ranks, bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        u_in = self.first.weight[:, :, 0, 0]  # (R1, C)
+        u_out = self.last.weight[:, :, 0, 0]  # (S, R2)
+        return torch.einsum("sa,abhw,bc->schw", u_out, self.core.weight, u_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+
+def tucker_problem(name: str, conv: nn.Conv2d, beta: float | None) -> RankProblem:
+    w = conv.weight.detach()
+    s_out, c_in = w.shape[:2]
+    k2 = w.shape[2] * w.shape[3]
+    bias = conv.bias is not None
+    b = float(s_out) / c_in if beta is None else float(beta)
+    limits = (min(s_out, c_in * k2), min(c_in, s_out * k2))
+    dense = w.numel() + (s_out if bias else 0)
+
+    def from_scalar(r: int) -> Ranks:
+        return (max(1, round(b * r)), r)
+
+    return RankProblem(
+        layer=name,
+        description=_describe(conv),
+        limits=limits,
+        scalar_limit=min(c_in, max(1, int(s_out / b + 1e-9))),  # R1 <= C and R2 = beta R1 <= S
+        from_scalar=from_scalar,
+        params=lambda ranks: tucker2_params(s_out, c_in, k2, (ranks[0], ranks[1]), bias),
+        dense_params=dense,
+        spectra=lambda: [mode_singular_values(w, 0), mode_singular_values(w, 1)],
+        ratio_guess=lambda ratio: tucker2_rank_eq7(s_out, c_in, k2, 1.0 / ratio, b),
+        notes={"kind": "tucker2"},
+    )
+
+
+def is_spatial(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+
+
+@register_method("tucker")
+class TuckerMethod(DecompMethod):
+    """Tucker-2 for k x k convolutions, SVD for Linear and 1x1 convolutions (the paper's vanilla LRD)."""
+
+    supported = "Conv2d with groups=1 (Tucker-2 for k x k, SVD for 1x1) and Linear (SVD)"
+    extra_keys: ClassVar[dict[str, Any]] = {"beta": 1.0, "n_iter_max": 0}
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        beta = self.cfg["beta"]
+        if beta is not None and not (
+            isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta > 0
+        ):
+            raise LrkConfigError(
+                f"decomp.beta={beta!r} is invalid: it must be a positive number (R2 / R1) or null (S / C)"
+            )
+        self.beta = None if beta is None else float(beta)
+        n_iter = self.cfg["n_iter_max"]
+        if not (isinstance(n_iter, int) and not isinstance(n_iter, bool) and n_iter >= 0):
+            raise LrkConfigError(
+                f"decomp.n_iter_max={n_iter!r} is invalid: it must be an integer >= 0 (0 = HOSVD)"
+            )
+        self.n_iter_max = n_iter
+
+    def support_error(self, name: str, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Linear):
+            return None
+        return conv_support_error(module)
+
+    def is_default_target(self, name: str, module: nn.Module, context: dict[str, Any]) -> bool:
+        return name not in context["heads"] and name != context["stem"]
+
+    def problem(self, name: str, module: nn.Module) -> RankProblem:
+        if is_spatial(module):
+            return tucker_problem(name, module, self.beta)
+        return svd_problem(name, module)
+
+    def build(self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem) -> FactorizedLayer:
+        if is_spatial(module):
+            return TuckerConv2d.from_conv(module, (ranks[0], ranks[1]), n_iter_max=self.n_iter_max)
+        return build_svd(module, ranks[0], problem.notes.get("usv"))

@@ -1,0 +1,13 @@
+"""Lightning side of lrk: the classifier module and the measurement callbacks."""
+
+from lrk.lit.callbacks import InferenceBenchmark, ModelStats, PeakMemory, PhaseTimer, count_parameters
+from lrk.lit.module import LitClassifier
+
+__all__ = [
+    "InferenceBenchmark",
+    "LitClassifier",
+    "ModelStats",
+    "PeakMemory",
+    "PhaseTimer",
+    "count_parameters",
+]

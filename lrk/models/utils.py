@@ -1,0 +1,37 @@
+"""Finding and swapping modules by qualified name (``blocks.3.attn``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lrk.errors import LrkConfigError
+from lrk.models.attention import AttentionBase
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, AttentionBase]]:
+    """Every :class:`AttentionBase` in ``model`` with its qualified name, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, AttentionBase)]
+
+
+def replace_module(model: nn.Module, qualified_name: str, new_module: nn.Module) -> nn.Module:
+    """Put ``new_module`` at ``qualified_name`` (e.g. ``blocks.3.attn``) in ``model``; return the old one.
+
+    Raises :class:`LrkConfigError` when no module has that name.
+    """
+    if not qualified_name:
+        raise LrkConfigError("replace_module needs a submodule name; '' is the model itself")
+    parent_name, _, child = qualified_name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        parent = None
+    if parent is None or child not in parent._modules:
+        raise LrkConfigError(f"module name {qualified_name!r} is invalid: the model has no such submodule")
+    old = parent._modules[child]
+    setattr(parent, child, new_module)
+    return old  # type: ignore[return-value]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of the built ``model`` (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,42 @@
+"""Every choice of every grid axis composes with the root config and resolves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import CONF_DIR, compose_train
+from omegaconf import OmegaConf
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("data", choices("data"))
+@pytest.mark.parametrize("backbone", choices("backbone"))
+def test_every_data_and_backbone_choice_composes(tmp_path: Path, data: str, backbone: str):
+    cfg = compose_train([f"data={data}", f"backbone={backbone}"], tmp_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["data"]["name"] == data
+    assert resolved["backbone"]["name"] in {"vit", backbone}
+    assert resolved["callbacks"]["model_checkpoint"]["monitor"] == "val/bal_acc"
+
+
+@pytest.mark.parametrize("group", ["decomp", "trainer", "logger", "callbacks", "experiment"])
+def test_every_other_choice_composes(tmp_path: Path, group: str):
+    for choice in choices(group):
+        cfg = compose_train([f"{group}={choice}"], tmp_path)
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_defaults_are_the_headline_run(tmp_path: Path):
+    cfg = compose_train([], tmp_path)
+    assert (cfg.data.name, cfg.data.source, cfg.decomp.name) == ("surface_defect", "elpv", "none")
+    assert cfg.backbone.name == "vit" and cfg.backbone.dim == 128  # vit_edge
+    assert cfg.logger.wandb.offline is True and "csv" in cfg.logger
+
+
+def test_a_list_of_optimized_metrics_monitors_the_first(tmp_path: Path):
+    cfg = compose_train(["optimized_metric=[val/acc_best,model/params]"], tmp_path)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/acc_best"
