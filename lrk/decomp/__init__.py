@@ -7,7 +7,19 @@ parameters (design.md "The decomposition contract").
     report.rows, report.metrics()
 """
 
-from lrk.decomp import cp, none, sdrm, svd, trawl, tt, tucker  # noqa: F401  (register the methods)
+from lrk.decomp import (  # noqa: F401  (register the methods)
+    attn_svd,
+    attn_tensor,
+    cholesky,
+    cp,
+    none,
+    pca,
+    sdrm,
+    svd,
+    trawl,
+    tt,
+    tucker,
+)
 from lrk.decomp.base import METHODS, DecompMethod, FactorizedLayer, build_method, register_method
 from lrk.decomp.counting import count_flops, count_params
 from lrk.decomp.cp import CPConv2d, CPLinear

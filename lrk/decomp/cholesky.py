@@ -1,0 +1,1 @@
+"""Stub: filled by issue #4 (attention-level low rank)."""
