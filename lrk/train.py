@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from lrk.config import check_model_config, resolve_checkpoint
 from lrk.data import build_datamodule
 from lrk.decomp import build_method
-from lrk.decomp.sdrm import sdrm_metrics
 from lrk.errors import LrkConfigError
 from lrk.lit.callbacks import MeasurementCallback, count_parameters, log_to_loggers
 from lrk.lit.module import LitClassifier
@@ -126,7 +125,7 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
     if fits:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(_scalars(trainer.callback_metrics))
-        metrics.update(sdrm_metrics(model))  # SDRM's t-SVD inside the fit's forwards (time/rr_s, ranks)
+        metrics.update(method.runtime_metrics(model))  # e.g. SDRM's t-SVD inside the fit's forwards (time/rr_s)
     if cfg.test:
         test_ckpt = _best_checkpoint(trainer) if fits else (None if cfg.train else ckpt_path)
         trainer.test(lit, datamodule=datamodule, ckpt_path=test_ckpt)

@@ -192,6 +192,11 @@ class DecompMethod:
         """The factorized replacement of ``module`` at ``ranks``."""
         raise NotImplementedError
 
+    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Figures of the work the method does inside forwards during the fit (e.g. SDRM's t-SVD: ``time/rr_s``,
+        ``decomp/rank_mean``), read after the fit; ``{}`` for a method whose work ends in :meth:`apply`."""
+        return {}
+
     # --- target selection --------------------------------------------------------------------------------
     def context(self, model: nn.Module) -> dict[str, Any]:
         """Model facts the default targets need: the stem (first Conv2d) and the classifier head(s)."""

@@ -769,6 +769,10 @@ class SDRMMethod(AttentionSwapMethod):
             new.stats.fit_seconds += context["seconds"][name]
         return new
 
+    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
+        """:func:`sdrm_metrics`: the t-SVDs inside the fit's forwards (``time/rr_s``, ranks, energy, CR)."""
+        return sdrm_metrics(model)
+
     def finish(
         self,
         model: nn.Module,
