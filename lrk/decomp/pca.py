@@ -1,1 +1,480 @@
-"""Stub: filled by issue #4 (attention-level low rank)."""
+"""``decomp=pca``: PCA-projected attention (seeds/vit_nla_slides.txt, slides "Used methods. PCA").
+
+The slides reduce "the attention matrix" with PCA: X_reduced = X W, W holding the principal components as its
+columns, and a low-rank reconstruction through W^T. lrk's reading (issue #4): per head h, the queries and keys
+are projected onto a rank-r principal basis B_h in R^{d_k x r} (orthonormal columns) of their joint token
+features before the score product,
+
+    scores_h = (q_h B_h)(k_h B_h)^T / sqrt(d_k) = q_h (B_h B_h^T) k_h^T / sqrt(d_k),
+
+then softmax over the keys, times v_h, and ``proj`` as in dense attention. The score product costs O(T^2 r)
+instead of O(T^2 d_k). The scale stays the dense 1/sqrt(d_k) (not 1/sqrt(r)), so that at r = d_k
+(B_h B_h^T = I) the module *is* dense attention. v_h is not projected.
+
+Which subspace: the scores are raw inner products q . k, so the subspace that keeps them best is that of the
+*uncentred* second moment M_h = sum_t q_t q_t^T + k_t k_t^T (``center: false``, the default). ``center: true``
+removes the mean of the joint q/k tokens before finding the directions (classic PCA, the slides' "variance");
+the projection is still applied to the raw q and k.
+
+``basis``:
+
+- ``batch`` (default): B_h is recomputed in every forward from the detached q and k, under ``torch.no_grad`` (no
+  gradient flows through the basis; it is a constant of each forward, as an SVD's factors are), *per image and
+  head* ([B, H, 2T, d_k] -> [B, H, d_k, r]): tokens of different images never mix, not even through the basis.
+  The solver is ``eigh`` (exact batched eigh of the d_k x d_k moment) by default; ``lowrank`` uses
+  ``torch.pca_lowrank``: :mod:`lrk.linalg.pca` has the timings that made ``eigh`` the default (3-4x faster
+  at head sizes, exact, deterministic).
+- ``calibrated``: B_h is fitted once in ``apply`` on the calibration batches' q/k of each head (the inputs of
+  the attention module in the dense model, projected by its dense ``qkv``; moments summed over all calibration
+  tokens) and frozen as the buffer ``pca_basis`` ([H, d_k, r]), which travels with checkpoints; no
+  factorization at run time. With ``stage: init`` the weights then train under a basis fitted to the untrained
+  model (a warning says so); ``stage: post`` fits it to a trained one.
+
+Rank rule (exactly one; ``default_ratio`` when all are null): ``rank`` (r in [1, d_k]), ``ratio``
+(r = ceil(ratio d_k), ratio in (0, 1]) or ``energy`` (phi in (0, 1]: per module, the smallest r such that the top-r
+principal directions of every head keep phi of that head's q/k second-moment energy on the calibration batches
+(SDRM's rule, seeds/sdrm_paper.txt Eqs. 2-3, on the eigenvalues of M_h); fixed afterwards, for ``basis=batch``
+too. With ``center: false`` a per-image basis keeps at least as much of each image's energy as the pooled basis
+does, so the calibration images keep >= phi in total).
+
+Report rows (one per module): ``rank`` r (``ranks``: r per head), ``rel_error`` = ||pca(x) - dense(x)||_F /
+||dense(x)||_F on the calibration inputs of the module in the dense model, ``energy`` = the retained
+fraction of the q/k second-moment energy at r on the calibration batches (of the frozen basis for
+``calibrated``; of each image's own basis for ``batch``; centred moments with ``center: true``),
+``params_before`` = ``params_after`` (the basis is a buffer, not a parameter), ``seconds`` = the fitting time
+in ``apply`` (moments, eigh, rank choice; not the error measurement).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs
+from lrk.decomp.base import own_params, register_method
+from lrk.errors import LrkConfigError
+from lrk.linalg.pca import (
+    DEFAULT_PCA_SOLVER,
+    PCA_SOLVERS,
+    energy_rank_of_moment,
+    moment_spectrum,
+    principal_basis,
+    second_moment,
+)
+from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+
+log = logging.getLogger(__name__)
+
+BASES = ("batch", "calibrated")
+DEFAULT_RATIO = 0.5
+
+
+# --- checks -----------------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_settings(
+    rank: int | None,
+    ratio: float | None,
+    energy: float | None,
+    basis: str,
+    center: bool,
+    solver: str,
+    niter: int,
+    oversample: int,
+) -> None:
+    """Validate the PCA settings (each bad value -> one :class:`LrkConfigError` naming it and what is valid).
+    At most one of rank / ratio / energy may be set; the rank's upper bound d_k is checked with the model."""
+    given = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
+    if len(given) > 1:
+        shown = ", ".join(f"decomp.{k}={v}" for k, v in given.items())
+        raise LrkConfigError(
+            f"{shown} is invalid for decomp=pca: set exactly one of decomp.rank (an integer in [1, d_k]), "
+            "decomp.ratio (a fraction of d_k in (0, 1]) or decomp.energy (phi in (0, 1]), or none of them "
+            "(decomp.default_ratio applies)"
+        )
+    if rank is not None and not (_is_int(rank) and rank >= 1):
+        raise LrkConfigError(
+            f"decomp.rank={rank!r} is invalid: it must be an integer in [1, d_k] (d_k = dim / num_heads)"
+        )
+    if ratio is not None and not (_is_number(ratio) and 0.0 < float(ratio) <= 1.0):
+        raise LrkConfigError(f"decomp.ratio={ratio!r} is invalid: the fraction of d_k must lie in (0, 1]")
+    if energy is not None and not (_is_number(energy) and 0.0 < float(energy) <= 1.0):
+        raise LrkConfigError(
+            f"decomp.energy={energy!r} is invalid: phi (the retained q/k second-moment energy) must lie in (0, 1]"
+        )
+    if basis not in BASES:
+        raise LrkConfigError(f"decomp.basis={basis!r} is invalid: it must be one of {', '.join(BASES)}")
+    if not isinstance(center, bool):
+        raise LrkConfigError(f"decomp.center={center!r} is invalid: it must be true or false")
+    if solver not in PCA_SOLVERS:
+        raise LrkConfigError(
+            f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(PCA_SOLVERS)}"
+        )
+    if not (_is_int(niter) and niter >= 0):
+        raise LrkConfigError(f"decomp.niter={niter!r} is invalid: it must be an integer >= 0")
+    if not (_is_int(oversample) and oversample >= 0):
+        raise LrkConfigError(f"decomp.oversample={oversample!r} is invalid: it must be an integer >= 0")
+
+
+def ratio_rank(ratio: float, head_dim: int) -> int:
+    """r = ceil(ratio * d_k) (a relative slack of 1e-9 keeps 0.3 * 10 from rounding up to 4)."""
+    return max(1, min(head_dim, math.ceil(ratio * head_dim - 1e-9)))
+
+
+def check_rank(rank: int, head_dim: int, what: str = "decomp.rank") -> None:
+    if not (_is_int(rank) and 1 <= rank <= head_dim):
+        raise LrkConfigError(
+            f"{what}={rank!r} is invalid for this model: it must be an integer in [1, {head_dim}] "
+            f"(d_k = dim / num_heads = {head_dim})"
+        )
+
+
+# --- the attention module -----------------------------------------------------------------------------------
+class PCAAttention(MultiHeadSelfAttention):
+    """Multi-head self-attention with queries and keys projected on a rank-r principal basis per head (slides
+    "Used methods. PCA"; see the module docstring): ``softmax((q_h B_h)(k_h B_h)^T / sqrt(d_k)) v_h``, then ``proj``.
+
+    The parameters of :class:`~lrk.models.MultiHeadSelfAttention` (``qkv``, ``proj``), so
+    ``PCAAttention.from_attention(dense, rank=4)`` copies its weights. ``basis='calibrated'`` adds the buffer
+    ``pca_basis`` ([H, d_k, r]), set by :meth:`fit_basis` or by loading a state dict.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        rank: int | None = None,
+        basis: str = "batch",
+        center: bool = False,
+        solver: str = DEFAULT_PCA_SOLVER,
+        niter: int = 2,
+        oversample: int = 4,
+        layer_name: str = "attn",
+    ) -> None:
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        check_settings(rank, None, None, basis, center, solver, niter, oversample)
+        rank = ratio_rank(DEFAULT_RATIO, self.head_dim) if rank is None else rank
+        check_rank(rank, self.head_dim)
+        self.rank = int(rank)
+        self.basis_mode = basis
+        self.center = center
+        self.solver = solver
+        self.niter = niter
+        self.oversample = oversample
+        self.layer_name = layer_name
+        self._fitted = False
+        if basis == "calibrated":
+            self.register_buffer("pca_basis", torch.zeros(num_heads, self.head_dim, self.rank))
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {
+            **super().init_kwargs(),
+            "rank": self.rank,
+            "basis": self.basis_mode,
+            "center": self.center,
+            "solver": self.solver,
+            "niter": self.niter,
+            "oversample": self.oversample,
+            "layer_name": self.layer_name,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.num_heads}, rank={self.rank}/{self.head_dim}, basis={self.basis_mode}, "
+            f"center={self.center}, solver={self.solver}"
+        )
+
+    # --- the calibrated basis ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_basis(self, moments: torch.Tensor) -> torch.Tensor:
+        """Freeze ``pca_basis`` to the top-r eigenvectors of each head's q/k second moment ``moments``
+        ([H, d_k, d_k], centred by the caller when ``center``). Returns the eigenvalues ([H, d_k], descending)."""
+        if self.basis_mode != "calibrated":
+            raise RuntimeError(
+                f"PCA attention '{self.layer_name}' has basis='batch': it has no frozen basis to fit"
+            )
+        expected = (self.num_heads, self.head_dim, self.head_dim)
+        if tuple(moments.shape) != expected:
+            raise ValueError(f"moments of shape {tuple(moments.shape)} are invalid: expected {expected}")
+        evals, evecs = moment_spectrum(moments.detach().double())
+        self.pca_basis.copy_(evecs[..., : self.rank].to(self.pca_basis.dtype))
+        self._fitted = True
+        return evals
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.basis_mode == "calibrated" and prefix + "pca_basis" in state_dict:
+            self._fitted = True  # a checkpoint carries the fitted basis
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of ``x`` ([B, T, D]) split into heads, each [B, H, T, d_k] (as the dense module)."""
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def current_basis(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The basis this forward projects on: [H, d_k, r] (calibrated) or [B, H, d_k, r] (batch: one per image
+        and head, from the detached q and k, no gradient), in q's dtype."""
+        if self.basis_mode == "calibrated":
+            if not self._fitted:
+                raise RuntimeError(
+                    f"PCA attention '{self.layer_name}' has basis='calibrated' but no fitted basis: apply decomp=pca "
+                    "with calibration batches, call fit_basis(), or load a state dict that holds pca_basis"
+                )
+            return self.pca_basis.to(q.dtype)
+        with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
+            features = torch.cat([q.detach(), k.detach()], dim=-2)  # [B, H, 2T, d_k]: one image, one head
+            if not bool(torch.isfinite(features).all()):
+                raise FloatingPointError(
+                    f"PCA attention '{self.layer_name}' received non-finite q/k (NaN/inf): the model diverged "
+                    "before this layer; lower model.lr or check the data"
+                )
+            basis = principal_basis(
+                features, self.rank, self.center, self.solver, self.niter, self.oversample
+            )
+        return basis.to(q.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.heads(x)
+        basis = self.current_basis(q, k)
+        out = F.scaled_dot_product_attention(
+            q @ basis,  # [B, H, T, r]
+            k @ basis,
+            v,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            scale=self.head_dim**-0.5,  # the dense scale: r = d_k gives dense attention
+        )
+        out = out.transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj_drop(self.proj(out))
+
+
+def pca_modules(model: nn.Module) -> list[tuple[str, PCAAttention]]:
+    """Every PCA attention module of ``model`` with its name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PCAAttention)]
+
+
+# --- the method ---------------------------------------------------------------------------------------------
+@register_method("pca")
+class PCAMethod(AttentionSwapMethod):
+    """``decomp=pca``: every attention module (or those matching ``targets``, minus ``skip``) becomes a
+    :class:`PCAAttention` with the same weights. Keys (conf/decomp/pca.yaml): ``rank`` | ``ratio`` | ``energy``
+    (``default_ratio`` when all are null), ``basis``, ``center``, ``solver``, ``niter``, ``oversample``, plus
+    the common ``stage``, ``calibration_batches`` ...
+    """
+
+    extra_keys: ClassVar[dict[str, Any]] = {
+        "default_ratio": DEFAULT_RATIO,
+        "basis": "batch",
+        "center": False,
+        "solver": DEFAULT_PCA_SOLVER,
+        "niter": 2,
+        "oversample": 4,
+    }
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        c = self.cfg
+        for key in ("rank_multiple", "min_rank"):
+            if c[key] not in (None, 1):
+                raise LrkConfigError(
+                    f"decomp.{key}={c[key]} is invalid for decomp=pca: it supports only 1 (the default)"
+                )
+        rank, ratio, energy = c["rank"], c["ratio"], c["energy"]
+        check_settings(rank, ratio, energy, c["basis"], c["center"], c["solver"], c["niter"], c["oversample"])
+        if rank is None and ratio is None and energy is None:
+            ratio = c["default_ratio"]
+            if not (_is_number(ratio) and 0.0 < float(ratio) <= 1.0):
+                raise LrkConfigError(
+                    f"decomp.default_ratio={ratio!r} is invalid: the fraction of d_k must lie in (0, 1]"
+                )
+        calib = c["calibration_batches"]
+        if calib is not None and not (_is_int(calib) and calib >= 1):
+            raise LrkConfigError(
+                f"decomp.calibration_batches={calib!r} is invalid for decomp=pca: it must be an integer >= 1 "
+                "(the energy rule and the calibrated basis are fitted on them, and the report measures on them)"
+            )
+        self.settings: dict[str, Any] = {
+            "rank": rank,
+            "ratio": None if ratio is None else float(ratio),
+            "energy": None if energy is None else float(energy),
+            "basis": c["basis"],
+            "center": c["center"],
+            "solver": c["solver"],
+            "niter": c["niter"],
+            "oversample": c["oversample"],
+        }
+
+    def module_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        return {k: s[k] for k in ("basis", "center", "solver", "niter", "oversample")}
+
+    def prepare(
+        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
+    ) -> dict[str, Any]:
+        """Rank checks, then one pass of the calibration batches through the dense model: each target's q/k
+        second moments per head (pooled: rank rule, calibrated basis) and per image (the batch basis's energy);
+        the replacements are built here, and a second pass measures their output error against the dense
+        modules on the same inputs."""
+        s = self.settings
+        for name, module in targets:
+            if not isinstance(module, MultiHeadSelfAttention):
+                raise LrkConfigError(
+                    f"decomp=pca cannot swap '{name}' ({type(module).__name__}): it needs a "
+                    "MultiHeadSelfAttention (dense qkv/proj) to copy"
+                )
+            if s["rank"] is not None:
+                check_rank(s["rank"], module.head_dim)
+        if not batches:
+            raise LrkConfigError(
+                "decomp=pca needs calibration batches (decomp.calibration_batches >= 1), got none: the energy rule "
+                "and the calibrated basis are fitted on them, and the report's rel_error/energy are measured on them"
+            )
+        if s["basis"] == "calibrated" and self.stage == "init":
+            log.warning(
+                "decomp=pca basis=calibrated with stage=init: the basis is fitted to the untrained model's q/k and "
+                "stays frozen while the weights train; stage=post fits it to a trained model"
+            )
+        modules = dict(targets)
+        stats: dict[str, dict[str, Any]] = {
+            n: {"raw": None, "sum": None, "count": 0, "images": []} for n in modules
+        }
+        seconds = dict.fromkeys(modules, 0.0)
+        token_counts: dict[str, int] = {}
+
+        def accumulate(name: str, x: torch.Tensor) -> None:
+            start = time.perf_counter()
+            module = modules[name]
+            assert isinstance(module, MultiHeadSelfAttention)
+            b = module.qkv.bias
+            qkv = F.linear(x.double(), module.qkv.weight.double(), None if b is None else b.double())
+            batch, tokens, _ = x.shape
+            qkv = qkv.reshape(batch, tokens, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+            features = torch.cat([qkv[0], qkv[1]], dim=-2)  # [B, H, 2T, d_k]
+            st = stats[name]
+            raw = second_moment(features).sum(0)  # [H, d_k, d_k]
+            total = features.sum(dim=(0, 2))  # [H, d_k]
+            st["raw"] = raw if st["raw"] is None else st["raw"] + raw
+            st["sum"] = total if st["sum"] is None else st["sum"] + total
+            st["count"] += batch * 2 * tokens
+            if s["basis"] == "batch":
+                st["images"].append(moment_spectrum(second_moment(features, s["center"]))[0])  # [B, H, d_k]
+            token_counts[name] = tokens
+            seconds[name] += time.perf_counter() - start
+
+        collect_attention_inputs(model, list(modules), batches, accumulate)
+
+        built: dict[str, PCAAttention] = {}
+        energies: dict[str, float] = {}
+        for name, module in targets:
+            start = time.perf_counter()
+            st = stats[name]
+            moments = st["raw"]
+            if s["center"]:  # sum (x - mu)(x - mu)^T = sum x x^T - n mu mu^T, mu over all calibration tokens
+                mean = st["sum"] / st["count"]
+                moments = moments - st["count"] * mean[:, :, None] * mean[:, None, :]
+            evals, _ = moment_spectrum(moments)  # [H, d_k]
+            head_dim = module.head_dim
+            if s["rank"] is not None:
+                rank = s["rank"]
+            elif s["ratio"] is not None:
+                rank = ratio_rank(s["ratio"], head_dim)
+            else:  # the smallest r with which every head keeps phi (Eqs. 2-3 per head)
+                rank = max(energy_rank_of_moment(evals[h], s["energy"]) for h in range(module.num_heads))
+            new = PCAAttention.from_attention(module, rank=rank, layer_name=name, **self.module_kwargs())
+            if s["basis"] == "calibrated":
+                new.fit_basis(moments)
+                kept, whole = evals[:, :rank].sum(), evals.sum()
+            else:
+                per_image = torch.cat(st["images"])  # [N, H, d_k]: each image's own spectrum
+                kept, whole = per_image[..., :rank].sum(), per_image.sum()
+            energies[name] = float(kept / whole) if whole > 0 else 1.0
+            built[name] = new
+            seconds[name] += time.perf_counter() - start
+            st["images"].clear()
+
+        errors = self._measure(model, targets, built, batches)
+        return {
+            "built": built,
+            "energy": energies,
+            "rel_error": errors,
+            "seconds": seconds,
+            "tokens": token_counts,
+        }
+
+    @staticmethod
+    def _measure(
+        model: nn.Module,
+        targets: list[tuple[str, AttentionBase]],
+        built: dict[str, PCAAttention],
+        batches: list[Any],
+    ) -> dict[str, float]:
+        """||pca(x) - dense(x)||_F / ||dense(x)||_F per target over the calibration inputs x of the dense model
+        (both modules in eval mode, no gradient)."""
+        modules = dict(targets)
+        sums = {n: [0.0, 0.0] for n in modules}
+
+        def compare(name: str, x: torch.Tensor) -> None:
+            ref = modules[name].forward(x)  # .forward: calling the module would re-enter this pre-hook
+            out = built[name](x)
+            sums[name][0] += float((out - ref).double().square().sum())
+            sums[name][1] += float(ref.double().square().sum())
+
+        modes = {n: m.training for n, m in built.items()}
+        try:
+            for m in built.values():
+                m.eval()
+            collect_attention_inputs(model, list(modules), batches, compare)
+        finally:
+            for n, m in built.items():
+                m.train(modes[n])
+        return {n: math.sqrt(diff / ref) if ref > 0 else 0.0 for n, (diff, ref) in sums.items()}
+
+    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> PCAAttention:
+        return context["built"][name]
+
+    def finish(
+        self,
+        model: nn.Module,
+        built: list[tuple[str, AttentionBase, AttentionBase]],
+        batches: list[Any],
+        context: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """One row per swapped module: r, the measured output error and retained energy, the fitting time."""
+        rows = []
+        for name, old, new in built:
+            assert isinstance(new, PCAAttention)
+            rows.append(
+                {
+                    "name": name,
+                    "kind": f"pca_{new.basis_mode}",
+                    "shape": [2 * context["tokens"][name], new.head_dim],  # per head: joint q/k tokens x d_k
+                    "rank": float(new.rank),
+                    "ranks": [new.rank] * new.num_heads,
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": float(context["rel_error"][name]),
+                    "energy": float(context["energy"][name]),
+                    "seconds": float(context["seconds"][name]),
+                }
+            )
+        return rows
