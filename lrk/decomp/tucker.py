@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lrk.decomp.base import DecompMethod, FactorizedLayer, _describe, conv_like, register_method
+from lrk.decomp.base import FactorizedLayer, _describe, conv_like, register_method
 from lrk.decomp.rank_policy import RankProblem, Ranks
-from lrk.decomp.svd import _copy_bias, build_svd, conv_support_error, svd_problem
+from lrk.decomp.svd import SVDMethod, _copy_bias
 from lrk.errors import LrkConfigError
 from lrk.linalg.tucker import mode_singular_values, tucker2, tucker2_params, tucker2_rank_eq7
 
@@ -101,8 +101,9 @@ def is_spatial(module: nn.Module) -> bool:
 
 
 @register_method("tucker")
-class TuckerMethod(DecompMethod):
-    """Tucker-2 for k x k convolutions, SVD for Linear and 1x1 convolutions (the paper's vanilla LRD)."""
+class TuckerMethod(SVDMethod):
+    """Tucker-2 for k x k convolutions, SVD for Linear and 1x1 convolutions (the paper's vanilla LRD): SVDMethod's
+    targets, with the k x k convolutions decomposed by Tucker-2 instead of a matricized SVD."""
 
     supported = "Conv2d with groups=1 (Tucker-2 for k x k, SVD for 1x1) and Linear (SVD)"
     extra_keys: ClassVar[dict[str, Any]] = {"beta": 1.0, "n_iter_max": 0}
@@ -124,20 +125,12 @@ class TuckerMethod(DecompMethod):
             )
         self.n_iter_max = n_iter
 
-    def support_error(self, name: str, module: nn.Module) -> str | None:
-        if isinstance(module, nn.Linear):
-            return None
-        return conv_support_error(module)
-
-    def is_default_target(self, name: str, module: nn.Module, context: dict[str, Any]) -> bool:
-        return name not in context["heads"] and name != context["stem"]
-
     def problem(self, name: str, module: nn.Module) -> RankProblem:
         if is_spatial(module):
             return tucker_problem(name, module, self.beta)
-        return svd_problem(name, module)
+        return super().problem(name, module)
 
     def build(self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem) -> FactorizedLayer:
         if is_spatial(module):
             return TuckerConv2d.from_conv(module, (ranks[0], ranks[1]), n_iter_max=self.n_iter_max)
-        return build_svd(module, ranks[0], problem.notes.get("usv"))
+        return super().build(name, module, ranks, problem)
