@@ -1,1 +1,576 @@
-"""Stub: filled by issue #4 (attention-level low rank)."""
+"""``decomp=attn_tensor``: attention through a Tucker or CP decomposition of the attention tensor (issue #4).
+
+Seed: seeds/vit_nla_slides.txt, slide "Used methods. Tensor decomposition": "we use tensor decomposition to
+perform a low-rank approximation of the attention tensor". The slides' code reshaped the tensor to a matrix and took
+an SVD (a matrix method); lrk decomposes the tensor as a tensor and attends with the result.
+
+Per forward, the attention probabilities A[b, h] = softmax(q_h k_h^T / sqrt(d_k)) form the tensor
+A in R^{B x H x T x T} (image, head, query, key). It is approximated by
+
+- ``decomposition: tucker`` (default): A_hat = G x_h U_h x_q U_q x_k U_k with ranks (R_h, R_q, R_k) over the head,
+  query and key modes. TensorLy (``partial_tucker``: truncated HOSVD, then ``hooi_iters`` HOOI sweeps) computes
+  the orthonormal factors on the *detached* tensor; the core is then recomputed in torch as the projection
+  G = A x_h U_h^T x_q U_q^T x_k U_k^T (:func:`~lrk.linalg.attention_tensor.project_core`). The factors are
+  constants: the gradient flows through G into A and on to the q/k weights (and through V to the v weights).
+  Ranks: R_q = R_k = R_t from ``rank`` or ``ratio`` (R_t = ceil(ratio T)), R_h = ``head_rank`` (default H);
+  with ``energy`` (phi) each mode's rank is the smallest keeping phi of its unfolding's energy, chosen anew every
+  forward (the head mode too, unless ``head_rank`` is set).
+- ``decomposition: cp``: A_hat = sum_r u_h,r o u_q,r o u_k,r of rank R = ``rank`` (or ceil(ratio T)). TensorLy's
+  ``parafac`` (``cp_iters`` ALS sweeps from the SVD start) gives the head and key factors on the detached tensor;
+  the query factor is then re-solved from A by linear least squares (one closed-form ALS update,
+  :func:`~lrk.linalg.attention_tensor.cp_solve_factor`), which is differentiable: the gradient reaches A.
+
+Either way A_hat is the orthogonal projection of A onto a subspace fixed by the constant factors, so the retained
+energy ||A_hat||^2 / ||A||^2 = 1 - ||A - A_hat||^2 / ||A||^2 lies in [0, 1]. The output is A_hat V per head, then
+``proj`` (dropout of the attention weights, if any, acts on A before the decomposition). lrk evaluates A_hat V
+in factored form and never forms A_hat: Tucker out_h = U_q [(G x_h U_h)_h] (U_k^T V_h), CP
+out_h = U_q diag(U_h[h]) (U_k^T V_h) (:func:`~lrk.linalg.attention_tensor.tucker_apply`, ``cp_apply``; the tests
+check them against A_hat V formed explicitly). This saves nothing against dense attention: A itself is formed (the
+softmax needs it) and the core projection costs about H T^2 R more; the method studies what a low multilinear rank
+of the attention does to accuracy, as the slides did, not speed.
+
+``scope``:
+
+- ``batch`` (default): one TensorLy call per forward on the 4-way tensor [B, H, T, T]. Tucker is a partial Tucker
+  over modes 1, 2, 3 with the batch mode kept at full rank: the factors U_h, U_q, U_k are shared by the images of
+  the batch and every image has its own core. CP decomposes the tensor [H, B T, T] (the images' query modes side
+  by side): head and key factors shared, every image its own query factor rows. The images then share a
+  *subspace*, never attention: image i's output is A_hat_i V_i, with A_hat_i a projection of A_i alone onto the
+  shared factors, but the factors depend on every image of the batch (as the chunks of SDRM's svd_batch_size do).
+- ``image``: one decomposition per image (a Python loop over the batch): tokens of different images never mix in
+  any way; image i's output does not depend on the other images.
+
+Time (2 shared CPU cores, one thread, float32, best of 3-5 runs; A of [32, 4, 65, 65], Tucker ranks (4, 33, 33),
+HOSVD): scope ``batch`` 30 ms per forward (one partial Tucker), scope ``image`` 93 ms (32 Tucker calls); CP of
+rank 33 with 20 ALS sweeps: 0.34 s (batch) and 0.56-0.79 s (image); the dense product A V alone: 0.5 ms.
+
+Statistics: every module keeps a :class:`TensorAttentionStats` in ``module.stats`` (not in the state dict):
+``forwards``, ``decompositions`` (TensorLy calls: one per forward with scope=batch, one per image with
+scope=image), ``head_rank_sum`` / ``query_rank_sum`` / ``key_rank_sum`` (sums over decompositions; means by
+``rank_mean()``), ``energy_sum``, ``decompose_seconds`` (TensorLy + core projection / least squares + energy,
+inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns them into run metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, token_count
+from lrk.decomp.base import register_method
+from lrk.errors import LrkConfigError
+from lrk.linalg.attention_tensor import (
+    cp_apply,
+    cp_energy,
+    cp_factors,
+    cp_reconstruct,
+    cp_solve_factor,
+    mode_energy_ranks,
+    project_core,
+    stacked_query_tensor,
+    tucker_apply,
+    tucker_energy,
+    tucker_factors,
+    tucker_to_tensor,
+)
+from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+
+DECOMPOSITIONS = ("tucker", "cp")
+SCOPES = ("batch", "image")
+DEFAULT_RATIO = 0.5
+DEFAULT_CP_ITERS = 20
+
+
+# --- checks -----------------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_fraction(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.0 < float(value) <= 1.0
+    )
+
+
+def check_settings(
+    decomposition: Any,
+    scope: Any,
+    rank: Any,
+    head_rank: Any,
+    ratio: Any,
+    energy: Any,
+    hooi_iters: Any = 0,
+    cp_iters: Any = DEFAULT_CP_ITERS,
+) -> None:
+    """Validate the settings that need no model (each bad value -> one :class:`LrkConfigError` naming it)."""
+    if decomposition not in DECOMPOSITIONS:
+        raise LrkConfigError(
+            f"decomp.decomposition={decomposition!r} is invalid: it must be one of {', '.join(DECOMPOSITIONS)}"
+        )
+    if scope not in SCOPES:
+        raise LrkConfigError(f"decomp.scope={scope!r} is invalid: it must be one of {', '.join(SCOPES)}")
+    chosen = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
+    if len(chosen) > 1:
+        given = ", ".join(f"decomp.{k}={v}" for k, v in chosen.items())
+        raise LrkConfigError(
+            f"{given} is invalid for decomp=attn_tensor: set exactly one of decomp.rank (token-mode rank, an integer "
+            "in [1, T]), decomp.ratio (R_t = ceil(ratio T), ratio in (0, 1]) or decomp.energy (phi in (0, 1], tucker)"
+        )
+    if rank is not None and not (_is_int(rank) and rank >= 1):
+        raise LrkConfigError(
+            f"decomp.rank={rank!r} is invalid: it must be an integer in [1, T] (tokens per image)"
+        )
+    if ratio is not None and not _is_fraction(ratio):
+        raise LrkConfigError(
+            f"decomp.ratio={ratio!r} is invalid: it must lie in (0, 1] (R_t = ceil(ratio T))"
+        )
+    if energy is not None and not _is_fraction(energy):
+        raise LrkConfigError(
+            f"decomp.energy={energy!r} is invalid: phi (the energy kept of each mode unfolding) must lie in (0, 1]"
+        )
+    if energy is not None and decomposition == "cp":
+        raise LrkConfigError(
+            f"decomp.energy={energy} is invalid with decomp.decomposition=cp: the energy rule reads the mode "
+            "unfoldings' spectra (Tucker); for cp set decomp.rank (the CP rank, in [1, T]) or decomp.ratio"
+        )
+    if head_rank is not None and not (_is_int(head_rank) and head_rank >= 1):
+        raise LrkConfigError(
+            f"decomp.head_rank={head_rank!r} is invalid: it must be an integer in [1, H] (heads) or null (= H)"
+        )
+    if head_rank is not None and decomposition == "cp":
+        raise LrkConfigError(
+            f"decomp.head_rank={head_rank} is invalid with decomp.decomposition=cp: a CP model has one rank "
+            "(decomp.rank); head_rank is the Tucker head-mode rank, set it to null"
+        )
+    if not (_is_int(hooi_iters) and hooi_iters >= 0):
+        raise LrkConfigError(
+            f"decomp.hooi_iters={hooi_iters!r} is invalid: it must be an integer >= 0 (0 = truncated HOSVD)"
+        )
+    if not (_is_int(cp_iters) and cp_iters >= 1):
+        raise LrkConfigError(
+            f"decomp.cp_iters={cp_iters!r} is invalid: it must be an integer >= 1 (ALS sweeps)"
+        )
+
+
+def check_model(
+    rank: int | None, head_rank: int | None, tokens: int | None, heads: int, what: str = ""
+) -> None:
+    """Checks that need the model: rank <= T (tokens per image) and head_rank <= H."""
+    if rank is not None and tokens is not None and rank > tokens:
+        raise LrkConfigError(
+            f"decomp.rank={rank} is invalid for this model{what}: the attention tensor has T={tokens} tokens per "
+            f"query/key mode; use a rank in [1, {tokens}]"
+        )
+    if head_rank is not None and head_rank > heads:
+        raise LrkConfigError(
+            f"decomp.head_rank={head_rank} is invalid for this model{what}: the attention has H={heads} heads; "
+            f"use a head_rank in [1, {heads}]"
+        )
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+@dataclass
+class TensorAttentionStats:
+    """What a tensor attention module did since it was built (or ``reset``). Not part of the state dict."""
+
+    forwards: int = 0
+    decompositions: int = 0  # TensorLy calls: one per forward (scope=batch) or per image (scope=image)
+    head_rank_sum: float = 0.0
+    query_rank_sum: float = 0.0
+    key_rank_sum: float = 0.0
+    energy_sum: float = 0.0  # retained energy ||A_hat||^2 / ||A||^2 per decomposition
+    decompose_seconds: float = 0.0  # TensorLy + core projection / least squares, inside forwards
+    forward_seconds: float = 0.0
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, f.default)
+
+    def rank_mean(self) -> float:
+        """Mean token-mode rank ((R_q + R_k) / 2 for Tucker, R for CP) over the decompositions (0 before any)."""
+        n = self.decompositions
+        return (self.query_rank_sum + self.key_rank_sum) / (2 * n) if n else 0.0
+
+    def ranks_mean(self) -> list[float]:
+        """Mean (R_h, R_q, R_k) over the decompositions."""
+        n = max(self.decompositions, 1)
+        return [self.head_rank_sum / n, self.query_rank_sum / n, self.key_rank_sum / n]
+
+    def energy_mean(self) -> float:
+        return self.energy_sum / self.decompositions if self.decompositions else 0.0
+
+
+def _now(sync: bool) -> float:
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class Approximation(NamedTuple):
+    """The decomposition of the attention tensor of images [start, end).
+
+    Tucker: ``core`` [n, R_h, R_q, R_k] (one per image), ``factors`` = (U_h, U_q, U_k) shared by the n images.
+    CP: ``core`` None, ``factors`` = (U_h [H, R], U_q [n, T, R] (per image), U_k [T, R]).
+    """
+
+    kind: str
+    start: int
+    end: int
+    core: torch.Tensor | None
+    factors: tuple[torch.Tensor, ...]
+    ranks: tuple[int, int, int]
+    energy: float
+
+
+# --- the attention module -----------------------------------------------------------------------------------
+class TensorAttention(MultiHeadSelfAttention):
+    """Multi-head self-attention whose probability tensor A (heads x tokens x tokens) is replaced by a Tucker or CP
+    approximation A_hat every forward; the output is A_hat V per head, then ``proj`` (module docstring).
+
+    Same parameters as :class:`~lrk.models.MultiHeadSelfAttention`: ``from_attention(dense, rank=16)`` copies them.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        decomposition: str = "tucker",
+        scope: str = "batch",
+        rank: int | None = None,
+        head_rank: int | None = None,
+        ratio: float | None = None,
+        energy: float | None = None,
+        hooi_iters: int = 0,
+        cp_iters: int = DEFAULT_CP_ITERS,
+        layer_name: str = "attn",
+    ) -> None:
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        if rank is None and ratio is None and energy is None:
+            ratio = DEFAULT_RATIO
+        check_settings(decomposition, scope, rank, head_rank, ratio, energy, hooi_iters, cp_iters)
+        check_model(rank, head_rank, None, num_heads, f" ('{layer_name}')")
+        self.decomposition = decomposition
+        self.scope = scope
+        self.rank = rank
+        self.head_rank = head_rank
+        self.ratio = None if ratio is None else float(ratio)
+        self.energy = None if energy is None else float(energy)
+        self.hooi_iters = hooi_iters
+        self.cp_iters = cp_iters
+        self.layer_name = layer_name
+        self.stats = TensorAttentionStats()
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {
+            **super().init_kwargs(),
+            "decomposition": self.decomposition,
+            "scope": self.scope,
+            "rank": self.rank,
+            "head_rank": self.head_rank,
+            "ratio": self.ratio,
+            "energy": self.energy,
+            "hooi_iters": self.hooi_iters,
+            "cp_iters": self.cp_iters,
+            "layer_name": self.layer_name,
+        }
+
+    def extra_repr(self) -> str:
+        policy = (
+            f"rank={self.rank}"
+            if self.rank is not None
+            else (f"ratio={self.ratio}" if self.ratio is not None else f"energy={self.energy}")
+        )
+        head = "" if self.decomposition == "cp" else f", head_rank={self.head_rank or self.num_heads}"
+        return (
+            f"dim={self.dim}, heads={self.num_heads}, decomposition={self.decomposition}, scope={self.scope}, "
+            f"{policy}{head}"
+        )
+
+    # --- pieces ------------------------------------------------------------------------------------------
+    def attention_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention tensor A = softmax(q k^T / sqrt(d_k)) ([B, H, T, T]) and the values V ([B, H, T, d_h])."""
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        return scores.softmax(dim=-1), v
+
+    def token_rank(self, tokens: int) -> int:
+        """R_t from ``rank`` or ``ratio`` for T = ``tokens`` (LrkConfigError when rank > T)."""
+        if self.rank is not None:
+            check_model(self.rank, None, tokens, self.num_heads, f" ('{self.layer_name}')")
+            return self.rank
+        assert self.ratio is not None
+        return min(tokens, max(1, math.ceil(self.ratio * tokens)))
+
+    def _tucker(self, A: torch.Tensor, start: int) -> Approximation:
+        """Partial Tucker of A ([n, H, T, T]) over modes 1, 2, 3 (the images keep their own cores)."""
+        modes = (1, 2, 3)
+        tokens = A.shape[-1]
+        if self.energy is not None:
+            ranks = mode_energy_ranks(A, self.energy, modes)
+            if self.head_rank is not None:
+                ranks[0] = self.head_rank
+        else:
+            r = self.token_rank(tokens)
+            ranks = [self.head_rank or self.num_heads, r, r]
+        factors = tucker_factors(A, ranks, modes, n_iter_max=self.hooi_iters)
+        core = project_core(A, factors, modes)
+        return Approximation(
+            "tucker", start, start + A.shape[0], core, tuple(factors), tuple(ranks), tucker_energy(core, A)
+        )
+
+    def _cp(self, A: torch.Tensor, start: int) -> Approximation:
+        """CP of the stacked tensor [H, n T, T]; the query factor re-solved from A by least squares."""
+        n, _, tokens, _ = A.shape
+        r = self.token_rank(tokens)
+        stacked = stacked_query_tensor(A)
+        factors = cp_factors(stacked, r, n_iter_max=self.cp_iters)
+        query = cp_solve_factor(stacked, factors, 1)  # differentiable in A (head and key factors constant)
+        energy = cp_energy([factors[0], query, factors[2]], stacked)
+        return Approximation(
+            "cp",
+            start,
+            start + n,
+            None,
+            (factors[0], query.reshape(n, tokens, r), factors[2]),
+            (r, r, r),
+            energy,
+        )
+
+    def decompose(self, A: torch.Tensor) -> list[Approximation]:
+        """The approximations of A ([B, H, T, T]): one for the batch (scope=batch) or one per image (scope=image)."""
+        build = self._tucker if self.decomposition == "tucker" else self._cp
+        images = range(A.shape[0]) if self.scope == "image" else []
+        groups = [(b, A[b : b + 1]) for b in images] or [(0, A)]
+        out = []
+        for start, group in groups:
+            approx = build(group, start)
+            st = self.stats
+            st.decompositions += 1
+            st.head_rank_sum += approx.ranks[0]
+            st.query_rank_sum += approx.ranks[1]
+            st.key_rank_sum += approx.ranks[2]
+            st.energy_sum += approx.energy
+            out.append(approx)
+        return out
+
+    @staticmethod
+    def approximate_tensor(approx: Approximation) -> torch.Tensor:
+        """A_hat of the approximation's images ([n, H, T, T]) formed explicitly (tests and diagnostics)."""
+        if approx.kind == "tucker":
+            assert approx.core is not None
+            return tucker_to_tensor(approx.core, approx.factors, (1, 2, 3))
+        head, query, key = approx.factors
+        return torch.stack([cp_reconstruct([head, q, key]) for q in query])
+
+    @staticmethod
+    def apply_approximation(approx: Approximation, values: torch.Tensor) -> torch.Tensor:
+        """A_hat V ([n, H, T, d_h]) in factored form for the approximation's images (``values`` [n, H, T, d_h])."""
+        if approx.kind == "tucker":
+            assert approx.core is not None
+            return tucker_apply(approx.core, approx.factors, values)
+        head, query, key = approx.factors
+        return cp_apply(head, query, key, values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        sync = x.is_cuda
+        start = _now(sync)
+        A, v = self.attention_probs(x)
+        if self.training and self.attn_drop > 0:
+            A = F.dropout(A, self.attn_drop)
+        begin = _now(sync)
+        approxs = self.decompose(A)
+        self.stats.decompose_seconds += _now(sync) - begin
+        parts = [self.apply_approximation(a, v[a.start : a.end]) for a in approxs]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        out = out.transpose(1, 2).reshape(batch, tokens, dim)
+        out = self.proj_drop(self.proj(out))
+        self.stats.forwards += 1
+        self.stats.forward_seconds += _now(sync) - start
+        return out
+
+
+# --- collecting the figures of a run ---------------------------------------------------------------------
+def attn_tensor_modules(model: nn.Module) -> list[tuple[str, TensorAttention]]:
+    """Every tensor attention module of ``model`` with its name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorAttention)]
+
+
+def attn_tensor_metrics(model: nn.Module) -> dict[str, float]:
+    """The figures of the tensor attention modules of ``model`` since apply (or the last reset):
+    ``time/rr_s`` (decomposition seconds inside forwards: the rank reduction), ``time/attn_tensor_attention_s``
+    (their whole forwards), ``decomp/decompositions``, and, once something was decomposed, ``decomp/rank_mean``
+    (token-mode rank) and ``decomp/energy`` (retained energy), means over all decompositions. {} without such
+    modules."""
+    stats = [m.stats for _, m in attn_tensor_modules(model)]
+    if not stats:
+        return {}
+    n = sum(s.decompositions for s in stats)
+    out = {
+        "time/rr_s": float(sum(s.decompose_seconds for s in stats)),
+        "time/attn_tensor_attention_s": float(sum(s.forward_seconds for s in stats)),
+        "decomp/decompositions": float(n),
+    }
+    if n:
+        out["decomp/rank_mean"] = sum(s.query_rank_sum + s.key_rank_sum for s in stats) / (2 * n)
+        out["decomp/energy"] = sum(s.energy_sum for s in stats) / n
+    return out
+
+
+# --- the method ---------------------------------------------------------------------------------------------
+@register_method("attn_tensor")
+class AttnTensorMethod(AttentionSwapMethod):
+    """``decomp=attn_tensor``: every attention module (or those matching ``targets``, minus ``skip``) becomes a
+    :class:`TensorAttention` with the same weights. Keys (conf/decomp/attn_tensor.yaml): ``decomposition``
+    (tucker | cp), ``scope`` (batch | image), exactly one of ``rank`` / ``ratio`` / ``energy`` (``default_ratio``
+    when all are null), ``head_rank``, ``hooi_iters``, ``cp_iters``, plus the common ``stage``,
+    ``calibration_batches`` ... The report measures every module against the dense one on the calibration batches.
+    """
+
+    extra_keys: ClassVar[dict[str, Any]] = {
+        "decomposition": "tucker",
+        "scope": "batch",
+        "head_rank": None,
+        "hooi_iters": 0,
+        "cp_iters": DEFAULT_CP_ITERS,
+    }
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        c = self.cfg
+        for key in ("rank_multiple", "min_rank"):
+            if c[key] not in (None, 1):
+                raise LrkConfigError(
+                    f"decomp.{key}={c[key]} is invalid for decomp=attn_tensor: it supports only 1 (the default)"
+                )
+        rank, ratio, energy = c["rank"], c["ratio"], c["energy"]
+        if rank is None and ratio is None and energy is None:
+            ratio = DEFAULT_RATIO if c["default_ratio"] is None else c["default_ratio"]
+            if not _is_fraction(ratio):
+                raise LrkConfigError(
+                    f"decomp.default_ratio={ratio!r} is invalid: it must lie in (0, 1] (R_t = ceil(ratio T))"
+                )
+        check_settings(
+            c["decomposition"],
+            c["scope"],
+            rank,
+            c["head_rank"],
+            ratio,
+            energy,
+            c["hooi_iters"],
+            c["cp_iters"],
+        )
+        calib = c["calibration_batches"]
+        if calib is not None and not (_is_int(calib) and calib >= 1):
+            raise LrkConfigError(
+                f"decomp.calibration_batches={calib!r} is invalid for decomp=attn_tensor: it must be an integer "
+                ">= 1 (the report measures each module against dense attention on these batches)"
+            )
+        self.settings: dict[str, Any] = {
+            "decomposition": c["decomposition"],
+            "scope": c["scope"],
+            "rank": rank,
+            "head_rank": c["head_rank"],
+            "ratio": ratio,
+            "energy": energy,
+            "hooi_iters": c["hooi_iters"],
+            "cp_iters": c["cp_iters"],
+        }
+
+    def prepare(
+        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
+    ) -> dict[str, Any]:
+        """Model checks before any change: dense multi-head attention targets, rank <= T, head_rank <= H, and
+        calibration batches to measure the report on."""
+        tokens = token_count(model)
+        for name, module in targets:
+            if not isinstance(module, MultiHeadSelfAttention):
+                raise LrkConfigError(
+                    f"decomp=attn_tensor cannot swap '{name}' ({type(module).__name__}): it replaces dense "
+                    "multi-head attention (lrk.models.MultiHeadSelfAttention) and copies its qkv/proj weights"
+                )
+            check_model(
+                self.settings["rank"], self.settings["head_rank"], tokens, module.num_heads, f" ('{name}')"
+            )
+        if not batches:
+            raise LrkConfigError(
+                "decomp=attn_tensor got no calibration batches: the report measures each swapped module against "
+                "dense attention on them; use decomp.calibration_batches >= 1"
+            )
+        return {}
+
+    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> TensorAttention:
+        return TensorAttention.from_attention(module, **self.settings, layer_name=name)
+
+    def finish(
+        self,
+        model: nn.Module,
+        built: list[tuple[str, AttentionBase, AttentionBase]],
+        batches: list[Any],
+        context: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """One row per swapped module, measured on the calibration batches run through the swapped model: each
+        module's output against the dense module's output on the same input (``rel_error``), and the ranks,
+        retained energy and decomposition seconds of those forwards. The statistics then restart from zero."""
+        errors: dict[str, list[float]] = {name: [0.0, 0.0] for name, _, _ in built}
+        handles = []
+        for name, old, new in built:
+
+            def hook(
+                module: nn.Module, args: tuple[Any, ...], output: torch.Tensor, _n=name, _old=old
+            ) -> None:
+                reference = _old(args[0])
+                errors[_n][0] += float((output.double() - reference.double()).square().sum())
+                errors[_n][1] += float(reference.double().square().sum())
+
+            handles.append(new.register_forward_hook(hook))
+            new.stats.reset()
+        modes = {m: m.training for _, m, _ in built}
+        try:
+            for _, old, _ in built:
+                old.eval()
+            collect_attention_inputs(model, [], batches, lambda n, x: None)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, mode in modes.items():
+                module.train(mode)
+        tokens = token_count(model) or 0
+        rows = []
+        for name, old, new in built:
+            assert isinstance(new, TensorAttention)
+            st = new.stats
+            diff, ref = errors[name]
+            ranks = st.ranks_mean()
+            rows.append(
+                {
+                    "name": name,
+                    "kind": f"attn_tensor_{new.decomposition}_{new.scope}",
+                    "shape": [new.num_heads, tokens, tokens],
+                    "rank": float(st.rank_mean()),
+                    "ranks": [round(r) for r in ranks]
+                    if new.decomposition == "tucker"
+                    else [round(ranks[1])],
+                    "params_before": sum(p.numel() for p in old.parameters()),
+                    "params_after": sum(p.numel() for p in new.parameters()),
+                    "rel_error": math.sqrt(diff / ref) if ref > 0 else 0.0,
+                    "energy": float(st.energy_mean()),
+                    "seconds": float(st.decompose_seconds),
+                }
+            )
+            st.reset()
+        return rows
