@@ -52,14 +52,14 @@ from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inp
 from lrk.decomp.base import own_params, register_method
 from lrk.errors import LrkConfigError
 from lrk.linalg.psd import nearest_spd_factor, pack_tril, tril_size, unpack_tril
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+from lrk.models.attention import AttentionBase
 
 INITS = ("auto", "dense", "identity")
 DEFAULT_EPS = 1e-6
 BIAS_RCOND = 1e-4
 
 
-class CholeskyAttention(MultiHeadSelfAttention):
+class CholeskyAttention(AttentionBase):
     """Multi-head self-attention with a symmetric PSD query-key form W_h L_h L_h^T W_h^T per head (module docstring).
 
     Parameters (and nothing else):
@@ -71,8 +71,8 @@ class CholeskyAttention(MultiHeadSelfAttention):
     - ``v``: Linear(dim, dim, bias=qkv_bias), the value projection (the dense qkv's v rows);
     - ``proj``: Linear(dim, dim), the output projection.
 
-    It has no ``qkv``: the dense key projection is gone. ``MultiHeadSelfAttention.__init__`` is not run (it would
-    build the dense ``qkv``); the hyper-parameters (``qkv_bias``, ``attn_drop``, ``proj_drop``) are the same.
+    It has no ``qkv``: the dense key projection is gone; the hyper-parameters (``qkv_bias``, ``attn_drop``,
+    ``proj_drop``) are those of :class:`~lrk.models.MultiHeadSelfAttention`.
     """
 
     def __init__(
@@ -83,7 +83,7 @@ class CholeskyAttention(MultiHeadSelfAttention):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> None:
-        AttentionBase.__init__(self, dim, num_heads)
+        super().__init__(dim, num_heads)
         self.qkv_bias = qkv_bias
         self.attn_drop = attn_drop
         hd = self.head_dim
@@ -92,6 +92,14 @@ class CholeskyAttention(MultiHeadSelfAttention):
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {
+            **super().init_kwargs(),
+            "qkv_bias": self.qkv_bias,
+            "attn_drop": self.attn_drop,
+            "proj_drop": self.proj_drop.p,
+        }
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, packed_tril={tril_size(self.head_dim)} per head"
