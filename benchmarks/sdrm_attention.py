@@ -32,18 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import tempfile
-import time
-import warnings
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _common import infer, paired_min, peak_memory_mb, spectral_tokens, train_step
 from rich.console import Console
 from rich.table import Table
-from torch.profiler import ProfilerActivity, profile
 
 from lrk.decomp.sdrm import SDRMAttention
 from lrk.models import MultiHeadSelfAttention
@@ -54,56 +48,8 @@ PAPER_MHA_CHANGE = -0.876
 
 
 def vit_tokens(batch: int, seed: int = 0) -> torch.Tensor:
-    """[batch, 197, 384] tokens with singular values s_i = i^-0.6 (s_1 = 2) in a random basis (benchmarks/tsvd.py)."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=g, dtype=torch.float64))
-    s = torch.arange(1, DIM + 1, dtype=torch.float64) ** -0.6
-    s[0] = 2.0
-    Z = torch.randn(batch * TOKENS, DIM, generator=g, dtype=torch.float64) * s
-    Y = Z @ Q.T
-    Y = Y / Y.std()
-    return Y.float().reshape(batch, TOKENS, DIM)
-
-
-def train_step(module: torch.nn.Module, x: torch.Tensor) -> None:
-    module.zero_grad(set_to_none=True)
-    x.grad = None
-    module(x).square().mean().backward()
-
-
-def infer(module: torch.nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        module(x)
-
-
-def peak_memory_mb(fn: Callable[[], None]) -> float:
-    """Peak of the profiler's CPU memory timeline while ``fn`` runs (allocations minus frees, all categories)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-        ) as prof:
-            fn()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "timeline.json"
-            prof.export_memory_timeline(str(path), device="cpu")
-            _, sizes = json.loads(path.read_text())
-    return max(sum(row) for row in sizes) / 2**20 if sizes else float("nan")
-
-
-def paired_min(a: Callable[[], None], b: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """Minimum seconds of ``a`` and of ``b`` over ``repeats`` alternating runs (after one warm-up each)."""
-    a()
-    b()
-    ta, tb = math.inf, math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a()
-        ta = min(ta, time.perf_counter() - start)
-        start = time.perf_counter()
-        b()
-        tb = min(tb, time.perf_counter() - start)
-    return ta, tb
+    """[batch, 197, 384] tokens with the power-law spectrum of benchmarks/tsvd.py (phi = 0.9 keeps r ~ 57)."""
+    return spectral_tokens(batch, TOKENS, DIM, seed)
 
 
 def measure(
