@@ -330,6 +330,10 @@ class AttnSVDMethod(AttentionSwapMethod):
                 raise rank_limit_error(rank, tokens or module.dim, module.dim, f"this model ('{name}')")
         return {}
 
+    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
+        """:func:`attn_svd_metrics`: the truncations inside the fit's forwards (``time/rr_s``, ranks, energy)."""
+        return attn_svd_metrics(model)
+
     def build_attention(
         self, name: str, module: AttentionBase, context: dict[str, Any]
     ) -> SVDOutputAttention:
