@@ -57,24 +57,12 @@ from torch import nn
 
 from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, token_count
 from lrk.decomp.base import own_params, register_method
+from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.batched_svd import batched_truncation
 from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
 
 DEFAULT_RATIO = 0.5
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_fraction(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0.0 < float(value) <= 1.0
-    )
 
 
 def check_rule(rank: int | None, ratio: float | None, energy: float | None) -> None:
@@ -86,13 +74,13 @@ def check_rule(rank: int | None, ratio: float | None, energy: float | None) -> N
             f"decomp=attn_svd rank rule sets {listed}: set exactly one of decomp.rank (an integer in [1, min(T, D)]), "
             "decomp.ratio (a fraction of min(T, D) in (0, 1]) or decomp.energy (phi in (0, 1])"
         )
-    if rank is not None and not (_is_int(rank) and rank >= 1):
+    if rank is not None and not (is_int(rank) and rank >= 1):
         raise LrkConfigError(f"decomp.rank={rank!r} is invalid: it must be an integer in [1, min(T, D)]")
-    if ratio is not None and not _is_fraction(ratio):
+    if ratio is not None and not is_fraction(ratio):
         raise LrkConfigError(
             f"decomp.ratio={ratio!r} is invalid: it must be a number in (0, 1] (a fraction of min(T, D))"
         )
-    if energy is not None and not _is_fraction(energy):
+    if energy is not None and not is_fraction(energy):
         raise LrkConfigError(
             f"decomp.energy={energy!r} is invalid: phi (Eqs. 2-3) must be a number in (0, 1]"
         )
@@ -302,7 +290,7 @@ class AttnSVDMethod(AttentionSwapMethod):
                     f"decomp.{key}={c[key]} is invalid for decomp=attn_svd: it supports only 1 (the default)"
                 )
         calib = c["calibration_batches"]
-        if calib is not None and not (_is_int(calib) and calib >= 0):
+        if calib is not None and not (is_int(calib) and calib >= 0):
             raise LrkConfigError(
                 f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0"
             )

@@ -64,6 +64,7 @@ from torch import nn
 
 from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, token_count
 from lrk.decomp.base import register_method
+from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.attention_tensor import (
     cp_apply,
@@ -88,19 +89,6 @@ DEFAULT_CP_ITERS = 20
 
 
 # --- checks -----------------------------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_fraction(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0.0 < float(value) <= 1.0
-    )
-
-
 def check_settings(
     decomposition: Any,
     scope: Any,
@@ -125,15 +113,15 @@ def check_settings(
             f"{given} is invalid for decomp=attn_tensor: set exactly one of decomp.rank (token-mode rank, an integer "
             "in [1, T]), decomp.ratio (R_t = ceil(ratio T), ratio in (0, 1]) or decomp.energy (phi in (0, 1], tucker)"
         )
-    if rank is not None and not (_is_int(rank) and rank >= 1):
+    if rank is not None and not (is_int(rank) and rank >= 1):
         raise LrkConfigError(
             f"decomp.rank={rank!r} is invalid: it must be an integer in [1, T] (tokens per image)"
         )
-    if ratio is not None and not _is_fraction(ratio):
+    if ratio is not None and not is_fraction(ratio):
         raise LrkConfigError(
             f"decomp.ratio={ratio!r} is invalid: it must lie in (0, 1] (R_t = ceil(ratio T))"
         )
-    if energy is not None and not _is_fraction(energy):
+    if energy is not None and not is_fraction(energy):
         raise LrkConfigError(
             f"decomp.energy={energy!r} is invalid: phi (the energy kept of each mode unfolding) must lie in (0, 1]"
         )
@@ -142,7 +130,7 @@ def check_settings(
             f"decomp.energy={energy} is invalid with decomp.decomposition=cp: the energy rule reads the mode "
             "unfoldings' spectra (Tucker); for cp set decomp.rank (the CP rank, in [1, T]) or decomp.ratio"
         )
-    if head_rank is not None and not (_is_int(head_rank) and head_rank >= 1):
+    if head_rank is not None and not (is_int(head_rank) and head_rank >= 1):
         raise LrkConfigError(
             f"decomp.head_rank={head_rank!r} is invalid: it must be an integer in [1, H] (heads) or null (= H)"
         )
@@ -151,11 +139,11 @@ def check_settings(
             f"decomp.head_rank={head_rank} is invalid with decomp.decomposition=cp: a CP model has one rank "
             "(decomp.rank); head_rank is the Tucker head-mode rank, set it to null"
         )
-    if not (_is_int(hooi_iters) and hooi_iters >= 0):
+    if not (is_int(hooi_iters) and hooi_iters >= 0):
         raise LrkConfigError(
             f"decomp.hooi_iters={hooi_iters!r} is invalid: it must be an integer >= 0 (0 = truncated HOSVD)"
         )
-    if not (_is_int(cp_iters) and cp_iters >= 1):
+    if not (is_int(cp_iters) and cp_iters >= 1):
         raise LrkConfigError(
             f"decomp.cp_iters={cp_iters!r} is invalid: it must be an integer >= 1 (ALS sweeps)"
         )
@@ -460,7 +448,7 @@ class AttnTensorMethod(AttentionSwapMethod):
         rank, ratio, energy = c["rank"], c["ratio"], c["energy"]
         if rank is None and ratio is None and energy is None:
             ratio = DEFAULT_RATIO if c["default_ratio"] is None else c["default_ratio"]
-            if not _is_fraction(ratio):
+            if not is_fraction(ratio):
                 raise LrkConfigError(
                     f"decomp.default_ratio={ratio!r} is invalid: it must lie in (0, 1] (R_t = ceil(ratio T))"
                 )
@@ -475,7 +463,7 @@ class AttnTensorMethod(AttentionSwapMethod):
             c["cp_iters"],
         )
         calib = c["calibration_batches"]
-        if calib is not None and not (_is_int(calib) and calib >= 1):
+        if calib is not None and not (is_int(calib) and calib >= 1):
             raise LrkConfigError(
                 f"decomp.calibration_batches={calib!r} is invalid for decomp=attn_tensor: it must be an integer "
                 ">= 1 (the report measures each module against dense attention on these batches)"

@@ -50,6 +50,7 @@ from torch import nn
 
 from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs
 from lrk.decomp.base import own_params, register_method
+from lrk.decomp.checks import is_number
 from lrk.errors import LrkConfigError
 from lrk.linalg.psd import nearest_spd_factor, pack_tril, tril_size, unpack_tril
 from lrk.models.attention import AttentionBase
@@ -244,9 +245,7 @@ def check_init(init: Any, allow_auto: bool = True) -> None:
 
 def check_eps(eps: Any) -> None:
     """``eps`` (the positive-definite shift, relative to the largest |eigenvalue|) must lie in (0, 1)."""
-    if not (
-        isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and 0 < eps < 1
-    ):
+    if not (is_number(eps) and 0 < eps < 1):
         raise LrkConfigError(
             f"decomp.eps={eps!r} is invalid: it must be a number in (0, 1) (the shift that makes W_QK positive "
             "definite, relative to its largest |eigenvalue|; default 1e-6)"

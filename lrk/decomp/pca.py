@@ -58,6 +58,7 @@ from torch import nn
 
 from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs
 from lrk.decomp.base import own_params, register_method
+from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.pca import (
     DEFAULT_PCA_SOLVER,
@@ -76,14 +77,6 @@ DEFAULT_RATIO = 0.5
 
 
 # --- checks -----------------------------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_settings(
     rank: int | None,
     ratio: float | None,
@@ -104,13 +97,13 @@ def check_settings(
             "decomp.ratio (a fraction of d_k in (0, 1]) or decomp.energy (phi in (0, 1]), or none of them "
             "(decomp.default_ratio applies)"
         )
-    if rank is not None and not (_is_int(rank) and rank >= 1):
+    if rank is not None and not (is_int(rank) and rank >= 1):
         raise LrkConfigError(
             f"decomp.rank={rank!r} is invalid: it must be an integer in [1, d_k] (d_k = dim / num_heads)"
         )
-    if ratio is not None and not (_is_number(ratio) and 0.0 < float(ratio) <= 1.0):
+    if ratio is not None and not is_fraction(ratio):
         raise LrkConfigError(f"decomp.ratio={ratio!r} is invalid: the fraction of d_k must lie in (0, 1]")
-    if energy is not None and not (_is_number(energy) and 0.0 < float(energy) <= 1.0):
+    if energy is not None and not is_fraction(energy):
         raise LrkConfigError(
             f"decomp.energy={energy!r} is invalid: phi (the retained q/k second-moment energy) must lie in (0, 1]"
         )
@@ -122,9 +115,9 @@ def check_settings(
         raise LrkConfigError(
             f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(PCA_SOLVERS)}"
         )
-    if not (_is_int(niter) and niter >= 0):
+    if not (is_int(niter) and niter >= 0):
         raise LrkConfigError(f"decomp.niter={niter!r} is invalid: it must be an integer >= 0")
-    if not (_is_int(oversample) and oversample >= 0):
+    if not (is_int(oversample) and oversample >= 0):
         raise LrkConfigError(f"decomp.oversample={oversample!r} is invalid: it must be an integer >= 0")
 
 
@@ -134,7 +127,7 @@ def ratio_rank(ratio: float, head_dim: int) -> int:
 
 
 def check_rank(rank: int, head_dim: int, what: str = "decomp.rank") -> None:
-    if not (_is_int(rank) and 1 <= rank <= head_dim):
+    if not (is_int(rank) and 1 <= rank <= head_dim):
         raise LrkConfigError(
             f"{what}={rank!r} is invalid for this model: it must be an integer in [1, {head_dim}] "
             f"(d_k = dim / num_heads = {head_dim})"
@@ -303,12 +296,12 @@ class PCAMethod(AttentionSwapMethod):
         check_settings(rank, ratio, energy, c["basis"], c["center"], c["solver"], c["niter"], c["oversample"])
         if rank is None and ratio is None and energy is None:
             ratio = c["default_ratio"]
-            if not (_is_number(ratio) and 0.0 < float(ratio) <= 1.0):
+            if not is_fraction(ratio):
                 raise LrkConfigError(
                     f"decomp.default_ratio={ratio!r} is invalid: the fraction of d_k must lie in (0, 1]"
                 )
         calib = c["calibration_batches"]
-        if calib is not None and not (_is_int(calib) and calib >= 1):
+        if calib is not None and not (is_int(calib) and calib >= 1):
             raise LrkConfigError(
                 f"decomp.calibration_batches={calib!r} is invalid for decomp=pca: it must be an integer >= 1 "
                 "(the energy rule and the calibrated basis are fitted on them, and the report measures on them)"

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.rank import energy_rank
 
@@ -128,14 +129,6 @@ class EnergyRank:
         return problem.clamp(combined)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class RankPolicy:
     """One of rank / ratio / energy, with ``rank_multiple`` (round up) and ``min_rank`` applied after."""
@@ -165,19 +158,19 @@ class RankPolicy:
                 "decomp.ratio (a fraction in (0, 1]) or decomp.energy (a fraction in (0, 1])"
             )
         ((key, value),) = chosen.items()
-        if key == "rank" and not (_is_int(value) and value >= 1):
+        if key == "rank" and not (is_int(value) and value >= 1):
             raise LrkConfigError(f"decomp.rank={value} is invalid: it must be an integer >= 1")
-        if key in ("ratio", "energy") and not (_is_number(value) and 0.0 < float(value) <= 1.0):
+        if key in ("ratio", "energy") and not is_fraction(value):
             raise LrkConfigError(f"decomp.{label[key]}={value} is invalid: it must be a number in (0, 1]")
         multiple = cfg.get("rank_multiple", 1)
         if multiple is None:
             multiple = 1
-        if not (_is_int(multiple) and multiple >= 1):
+        if not (is_int(multiple) and multiple >= 1):
             raise LrkConfigError(f"decomp.rank_multiple={multiple} is invalid: it must be an integer >= 1")
         min_rank = cfg.get("min_rank", 1)
         if min_rank is None:
             min_rank = 1
-        if not (_is_int(min_rank) and min_rank >= 1):
+        if not (is_int(min_rank) and min_rank >= 1):
             raise LrkConfigError(f"decomp.min_rank={min_rank} is invalid: it must be an integer >= 1")
         value = int(value) if key == "rank" else float(value)
         return cls(**{key: value}, rank_multiple=multiple, min_rank=min_rank)

@@ -72,6 +72,7 @@ from torch import nn
 
 from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, token_count
 from lrk.decomp.base import register_method
+from lrk.decomp.checks import is_fraction, is_int, is_number
 from lrk.errors import LrkConfigError
 from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
 from lrk.linalg.adamatrix import adamatrix as adamatrix_svd
@@ -88,14 +89,6 @@ DEFAULT_BLOCK_BUDGET_MB = 32.0
 
 
 # --- checks -----------------------------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_settings(
     energy: float | None,
     rank: int | None,
@@ -112,20 +105,20 @@ def check_settings(
             f"decomp.energy={energy}, decomp.rank={rank} is invalid for decomp=sdrm: set exactly one of "
             "decomp.energy (phi in (0, 1]) or decomp.rank (an integer >= 1)"
         )
-    if energy is not None and not (_is_number(energy) and 0.0 < float(energy) <= 1.0):
+    if energy is not None and not is_fraction(energy):
         raise LrkConfigError(
             f"decomp.energy={energy!r} is invalid: phi (the energy retention of Eqs. 2-3) must lie in (0, 1]"
         )
-    if rank is not None and not (_is_int(rank) and rank >= 1):
+    if rank is not None and not (is_int(rank) and rank >= 1):
         raise LrkConfigError(f"decomp.rank={rank!r} is invalid: it must be an integer >= 1")
     if solver not in SOLVERS:
         raise LrkConfigError(f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(SOLVERS)}")
-    if svd_batch_size is not None and not (_is_int(svd_batch_size) and svd_batch_size >= 1):
+    if svd_batch_size is not None and not (is_int(svd_batch_size) and svd_batch_size >= 1):
         raise LrkConfigError(
             f"decomp.svd_batch_size={svd_batch_size!r} is invalid: it must be an integer >= 1 (images per "
             "t-SVD chunk) or null (the whole batch)"
         )
-    if block_size is not None and block_size != "adaptive" and not (_is_int(block_size) and block_size >= 1):
+    if block_size is not None and block_size != "adaptive" and not (is_int(block_size) and block_size >= 1):
         raise LrkConfigError(
             f"decomp.block_size={block_size!r} is invalid: it must be an integer >= 1 (query tokens per block), "
             "'adaptive' or null (no blocking)"
@@ -136,7 +129,7 @@ def check_settings(
         )
     if core not in CORES:
         raise LrkConfigError(f"decomp.core={core!r} is invalid: it must be one of {', '.join(CORES)}")
-    if not (_is_number(block_budget_mb) and block_budget_mb > 0):
+    if not (is_number(block_budget_mb) and block_budget_mb > 0):
         raise LrkConfigError(
             f"decomp.block_budget_mb={block_budget_mb!r} is invalid: it must be a positive number"
         )
@@ -146,7 +139,7 @@ def check_tokens(
     block_size: int | str | None, rank: int | None, svd_batch_size: int | None, tokens: int, dim: int
 ) -> None:
     """Checks that need the token count T: block_size <= T, and rank <= min(svd_batch_size * T, d)."""
-    if _is_int(block_size) and block_size > tokens:  # type: ignore[operator]
+    if is_int(block_size) and block_size > tokens:  # type: ignore[operator]
         raise LrkConfigError(
             f"decomp.block_size={block_size} is invalid for this model: it must lie in [1, {tokens}] "
             f"(the attention modules see T={tokens} tokens per image), or be 'adaptive' or null"
@@ -703,7 +696,7 @@ class SDRMMethod(AttentionSwapMethod):
         except (TypeError, ValueError) as exc:
             raise LrkConfigError(f"decomp.adamatrix={options} is invalid: {exc}") from exc
         calib = c["calibration_batches"]
-        if calib is not None and not (_is_int(calib) and calib >= 0):
+        if calib is not None and not (is_int(calib) and calib >= 0):
             raise LrkConfigError(
                 f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0"
             )
