@@ -12,6 +12,9 @@ inputs of a few calibration batches. The shared parts live here:
   ``num_prefix_tokens``), for checks that need T before anything runs;
 - :func:`collect_attention_inputs`: forward pre-hooks that hand each target's input ``[B, T, D]`` to a callback
   while calibration batches run through the model in eval mode without gradients;
+- the config checks every attention method shares (in :class:`AttentionSwapMethod`'s constructor):
+  ``rank_multiple`` / ``min_rank`` stay 1, ``calibration_batches`` is an integer >= 0, or >= 1 for a method that
+  ``needs_calibration`` (which :meth:`~AttentionSwapMethod.apply` also refuses to run without a batch);
 - :meth:`AttentionSwapMethod.apply`: checks -> ``prepare`` (e.g. calibration, before any change) -> build every
   replacement -> swap them all -> ``finish`` (report rows). A failure before the swap leaves the model as it was.
 """
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lrk.decomp.base import DecompMethod, own_params
+from lrk.decomp.checks import is_int
 from lrk.decomp.report import DecompReport
 from lrk.errors import LrkConfigError
 from lrk.models.attention import AttentionBase
@@ -109,6 +113,50 @@ class AttentionSwapMethod(DecompMethod):
 
     supported = "the attention modules (lrk.models.AttentionBase) of a ViT/DeiT backbone"
     needs_policy = False
+    #: whether the method cannot work without calibration batches (then ``calibration_batches`` must be >= 1)
+    needs_calibration: ClassVar[bool] = False
+    #: what the calibration batches are for (error messages of a method with ``needs_calibration``)
+    calibration_use: ClassVar[str] = ""
+    #: why ``rank_multiple`` / ``min_rank`` can only be 1, appended to their error message ("" = no reason given)
+    no_rank_rounding_reason: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.check_no_rank_rounding()
+        self.check_calibration_count()
+
+    # --- checks shared by every attention method --------------------------------------------------------
+    def check_no_rank_rounding(self) -> None:
+        """``rank_multiple`` and ``min_rank`` must stay 1 (or null): no attention method rounds a rank."""
+        for key in ("rank_multiple", "min_rank"):
+            value = self.cfg[key]
+            if value not in (None, 1):
+                reason = f"; {self.no_rank_rounding_reason}" if self.no_rank_rounding_reason else ""
+                raise LrkConfigError(
+                    f"decomp.{key}={value!r} is invalid for decomp={self.name}: it supports only 1 (the default)"
+                    f"{reason}"
+                )
+
+    def check_calibration_count(self) -> None:
+        """``calibration_batches`` must be null or an integer >= 0 (>= 1 for a method with ``needs_calibration``)."""
+        calib = self.cfg["calibration_batches"]
+        least = 1 if self.needs_calibration else 0
+        if calib is None or (is_int(calib) and calib >= least):
+            return
+        if self.needs_calibration:
+            raise LrkConfigError(
+                f"decomp.calibration_batches={calib!r} is invalid for decomp={self.name}: it must be an integer "
+                f">= 1 ({self.calibration_use})"
+            )
+        raise LrkConfigError(f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0")
+
+    def require_calibration(self, batches: Sequence[Any]) -> None:
+        """A method with ``needs_calibration`` was handed no calibration batch: one clear error."""
+        if self.needs_calibration and not batches:
+            raise LrkConfigError(
+                f"decomp={self.name} needs calibration batches (decomp.calibration_batches >= 1), got none: "
+                f"{self.calibration_use}"
+            )
 
     # --- hooks -----------------------------------------------------------------------------------------
     def prepare(
@@ -197,6 +245,7 @@ class AttentionSwapMethod(DecompMethod):
         """
         batches = list(calibration_batches) if calibration_batches is not None else []
         targets = self.select_targets(model)
+        self.require_calibration(batches)
         context = self.prepare(model, targets, batches)
         built = [(name, old, self.build_attention(name, old, context)) for name, old in targets]
         for name, _, new in built:

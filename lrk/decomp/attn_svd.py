@@ -283,17 +283,6 @@ class AttnSVDMethod(AttentionSwapMethod):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        c = self.cfg
-        for key in ("rank_multiple", "min_rank"):
-            if c[key] not in (None, 1):
-                raise LrkConfigError(
-                    f"decomp.{key}={c[key]} is invalid for decomp=attn_svd: it supports only 1 (the default)"
-                )
-        calib = c["calibration_batches"]
-        if calib is not None and not (is_int(calib) and calib >= 0):
-            raise LrkConfigError(
-                f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0"
-            )
         assert self.policy is not None
         self.settings: dict[str, Any] = {"rank": None, "ratio": None, "energy": None}
         self.settings[self.policy.kind] = (

@@ -436,15 +436,12 @@ class AttnTensorMethod(AttentionSwapMethod):
         "hooi_iters": 0,
         "cp_iters": DEFAULT_CP_ITERS,
     }
+    needs_calibration = True
+    calibration_use = "the report measures each swapped module against dense attention on them"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         c = self.cfg
-        for key in ("rank_multiple", "min_rank"):
-            if c[key] not in (None, 1):
-                raise LrkConfigError(
-                    f"decomp.{key}={c[key]} is invalid for decomp=attn_tensor: it supports only 1 (the default)"
-                )
         rank, ratio, energy = c["rank"], c["ratio"], c["energy"]
         if rank is None and ratio is None and energy is None:
             ratio = DEFAULT_RATIO if c["default_ratio"] is None else c["default_ratio"]
@@ -462,12 +459,6 @@ class AttnTensorMethod(AttentionSwapMethod):
             c["hooi_iters"],
             c["cp_iters"],
         )
-        calib = c["calibration_batches"]
-        if calib is not None and not (is_int(calib) and calib >= 1):
-            raise LrkConfigError(
-                f"decomp.calibration_batches={calib!r} is invalid for decomp=attn_tensor: it must be an integer "
-                ">= 1 (the report measures each module against dense attention on these batches)"
-            )
         self.settings: dict[str, Any] = {
             "decomposition": c["decomposition"],
             "scope": c["scope"],
@@ -493,11 +484,6 @@ class AttnTensorMethod(AttentionSwapMethod):
                 )
             check_model(
                 self.settings["rank"], self.settings["head_rank"], tokens, module.num_heads, f" ('{name}')"
-            )
-        if not batches:
-            raise LrkConfigError(
-                "decomp=attn_tensor got no calibration batches: the report measures each swapped module against "
-                "dense attention on them; use decomp.calibration_batches >= 1"
             )
         return {}
 

@@ -264,6 +264,7 @@ class CholeskyMethod(AttentionSwapMethod):
 
     supported = "the attention modules (lrk.models.MultiHeadSelfAttention) of a ViT/DeiT backbone"
     extra_keys: ClassVar[dict[str, Any]] = {"init": "auto", "eps": DEFAULT_EPS}
+    no_rank_rounding_reason = "there is no rank to round (L_h is full d_k x d_k)"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -275,18 +276,8 @@ class CholeskyMethod(AttentionSwapMethod):
                     "d_k x d_k (d_k(d_k+1)/2 parameters per head), there is no rank to choose; leave decomp.rank, "
                     "decomp.ratio and decomp.energy null"
                 )
-        for key in ("rank_multiple", "min_rank"):
-            if c[key] not in (None, 1):
-                raise LrkConfigError(
-                    f"decomp.{key}={c[key]!r} is invalid for decomp=cholesky: it has no rank; only 1 (the default)"
-                )
         check_init(c["init"])
         check_eps(c["eps"])
-        calib = c["calibration_batches"]
-        if calib is not None and not (isinstance(calib, int) and not isinstance(calib, bool) and calib >= 0):
-            raise LrkConfigError(
-                f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0"
-            )
         self.init: str = (
             c["init"] if c["init"] != "auto" else ("dense" if self.stage == "post" else "identity")
         )

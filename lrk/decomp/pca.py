@@ -283,15 +283,15 @@ class PCAMethod(AttentionSwapMethod):
         "niter": 2,
         "oversample": 4,
     }
+    needs_calibration = True
+    calibration_use = (
+        "the energy rule and the calibrated basis are fitted on them, and the report's rel_error/energy are "
+        "measured on them"
+    )
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         c = self.cfg
-        for key in ("rank_multiple", "min_rank"):
-            if c[key] not in (None, 1):
-                raise LrkConfigError(
-                    f"decomp.{key}={c[key]} is invalid for decomp=pca: it supports only 1 (the default)"
-                )
         rank, ratio, energy = c["rank"], c["ratio"], c["energy"]
         check_settings(rank, ratio, energy, c["basis"], c["center"], c["solver"], c["niter"], c["oversample"])
         if rank is None and ratio is None and energy is None:
@@ -300,12 +300,6 @@ class PCAMethod(AttentionSwapMethod):
                 raise LrkConfigError(
                     f"decomp.default_ratio={ratio!r} is invalid: the fraction of d_k must lie in (0, 1]"
                 )
-        calib = c["calibration_batches"]
-        if calib is not None and not (is_int(calib) and calib >= 1):
-            raise LrkConfigError(
-                f"decomp.calibration_batches={calib!r} is invalid for decomp=pca: it must be an integer >= 1 "
-                "(the energy rule and the calibrated basis are fitted on them, and the report measures on them)"
-            )
         self.settings: dict[str, Any] = {
             "rank": rank,
             "ratio": None if ratio is None else float(ratio),
@@ -337,11 +331,6 @@ class PCAMethod(AttentionSwapMethod):
                 )
             if s["rank"] is not None:
                 check_rank(s["rank"], module.head_dim)
-        if not batches:
-            raise LrkConfigError(
-                "decomp=pca needs calibration batches (decomp.calibration_batches >= 1), got none: the energy rule "
-                "and the calibrated basis are fitted on them, and the report's rel_error/energy are measured on them"
-            )
         if s["basis"] == "calibrated" and self.stage == "init":
             log.warning(
                 "decomp=pca basis=calibrated with stage=init: the basis is fitted to the untrained model's q/k and "
