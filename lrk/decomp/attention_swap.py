@@ -10,8 +10,10 @@ inputs of a few calibration batches. The shared parts live here:
   a model without attention modules (a ResNet) is an error naming the model and asking for a ViT;
 - :func:`token_count`: the number of tokens T a ViT feeds its attention modules (from ``patch_embed`` and
   ``num_prefix_tokens``), for checks that need T before anything runs;
-- :func:`collect_attention_inputs`: forward pre-hooks that hand each target's input ``[B, T, D]`` to a callback
-  while calibration batches run through the model in eval mode without gradients;
+- :func:`run_batches` runs calibration batches through the model in eval mode without gradients;
+  :func:`collect_attention_inputs` adds forward pre-hooks that hand each target's input ``[B, T, D]`` to a callback;
+- :func:`output_errors`: the report's measured ``rel_error`` of each swapped module against the dense one on the
+  calibration inputs;
 - the config checks every attention method shares (in :class:`AttentionSwapMethod`'s constructor):
   ``rank_multiple`` / ``min_rank`` stay 1, ``calibration_batches`` is an integer >= 0, or >= 1 for a method that
   ``needs_calibration`` (which :meth:`~AttentionSwapMethod.apply` also refuses to run without a batch);
@@ -22,7 +24,8 @@ inputs of a few calibration batches. The shared parts live here:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -67,14 +70,33 @@ def calibration_images(batch: Any) -> torch.Tensor:
     return batch
 
 
+def run_batches(model: nn.Module, batches: Iterable[Any]) -> int:
+    """Run ``batches`` through ``model`` in eval mode without gradients (e.g. so that swapped modules record their
+    statistics on the calibration batches). The train/eval modes are restored afterwards, also on error. Returns
+    the number of batches run."""
+    modes = {m: m.training for m in model.modules()}
+    device = model_device(model)
+    count = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                model(calibration_images(batch).to(device))
+                count += 1
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+    return count
+
+
 def collect_attention_inputs(
     model: nn.Module,
     names: Sequence[str],
     batches: Iterable[Any],
     callback: Callable[[str, torch.Tensor], None],
 ) -> int:
-    """Run ``batches`` through ``model`` in eval mode without gradients; for every attention module named in
-    ``names``, call ``callback(name, x)`` with its input ``x`` ([B, T, D]) from a forward pre-hook.
+    """Run ``batches`` through ``model`` in eval mode without gradients (:func:`run_batches`); for every attention
+    module named in ``names``, call ``callback(name, x)`` with its input ``x`` ([B, T, D]) from a forward pre-hook.
 
     The model's train/eval modes are restored afterwards, also on error. Returns the number of batches run.
     """
@@ -86,21 +108,62 @@ def collect_attention_inputs(
             callback(_name, args[0].detach())
 
         handles.append(modules[name].register_forward_pre_hook(hook))
-    modes = {m: m.training for m in model.modules()}
-    device = model_device(model)
-    count = 0
     try:
-        model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                model(calibration_images(batch).to(device))
-                count += 1
+        return run_batches(model, batches)
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes.items():
-            module.train(mode)
-    return count
+
+
+def relative_error(diff_sq: float, ref_sq: float) -> float:
+    """sqrt(diff_sq / ref_sq): a relative Frobenius error from its squared sums (0 when both are 0, inf when only
+    the reference is 0)."""
+    if ref_sq > 0:
+        return math.sqrt(diff_sq / ref_sq)
+    return 0.0 if diff_sq == 0 else math.inf
+
+
+def output_errors(
+    model: nn.Module,
+    counterparts: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    swapped: bool = True,
+) -> dict[str, float]:
+    """The report's ``rel_error`` of every attention module named in ``counterparts``: ||new(x) - dense(x)||_F /
+    ||dense(x)||_F, both squared sums taken over every input x that the calibration ``batches`` give the module
+    inside ``model``, in float64.
+
+    The module ``name`` of ``model`` runs inside the model's forwards (:func:`run_batches`: eval, no gradient) and
+    ``counterparts[name]`` (in eval mode, restored after) on the same input. ``swapped=True``: the model holds the
+    replacements and ``counterparts`` are the dense modules (inputs as the swapped model computes them);
+    ``swapped=False``: the model is still dense and ``counterparts`` are the replacements (inputs as the dense
+    model computes them). Every name gets 0.0 when ``batches`` is empty.
+    """
+    modules = dict(model.named_modules())
+    sums = {name: [0.0, 0.0] for name in counterparts}
+
+    def compare(name: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        other = counterparts[name](x)
+        new, dense = (output, other) if swapped else (other, output)
+        dense = dense.double()
+        sums[name][0] += float((new.double() - dense).square().sum())
+        sums[name][1] += float(dense.square().sum())
+
+    handles = [
+        modules[name].register_forward_hook(lambda m, args, out, _n=name: compare(_n, args[0], out))
+        for name in counterparts
+    ]
+    modes = {name: m.training for name, m in counterparts.items()}
+    try:
+        for m in counterparts.values():
+            m.eval()
+        run_batches(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, m in counterparts.items():
+            m.train(modes[name])
+    return {name: relative_error(diff, ref) for name, (diff, ref) in sums.items()}
 
 
 class AttentionSwapMethod(DecompMethod):

@@ -55,7 +55,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, token_count
+from lrk.decomp.attention_swap import AttentionSwapMethod, run_batches, token_count
 from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
@@ -328,9 +328,7 @@ class AttnSVDMethod(AttentionSwapMethod):
         (O its untruncated output on its inputs there), truncation seconds. The statistics then start from zero;
         the calibration seconds stay in ``stats.fit_seconds`` (part of ``time/rr_s``)."""
         if batches:
-            collect_attention_inputs(
-                model, [], batches, lambda n, x: None
-            )  # runs them through the new modules
+            run_batches(model, batches)  # runs them through the new modules
         tokens = token_count(model) or 0
         rows = []
         for name, old, new in built:

@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, token_count
-from lrk.decomp.base import register_method
+from lrk.decomp.attention_swap import AttentionSwapMethod, output_errors, token_count
+from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.attention_tensor import (
@@ -504,35 +504,15 @@ class AttnTensorMethod(AttentionSwapMethod):
         """One row per swapped module, measured on the calibration batches run through the swapped model: each
         module's output against the dense module's output on the same input (``rel_error``), and the ranks,
         retained energy and decomposition seconds of those forwards. The statistics then restart from zero."""
-        errors: dict[str, list[float]] = {name: [0.0, 0.0] for name, _, _ in built}
-        handles = []
-        for name, old, new in built:
-
-            def hook(
-                module: nn.Module, args: tuple[Any, ...], output: torch.Tensor, _n=name, _old=old
-            ) -> None:
-                reference = _old(args[0])
-                errors[_n][0] += float((output.double() - reference.double()).square().sum())
-                errors[_n][1] += float(reference.double().square().sum())
-
-            handles.append(new.register_forward_hook(hook))
+        for _, _, new in built:
+            assert isinstance(new, TensorAttention)
             new.stats.reset()
-        modes = {m: m.training for _, m, _ in built}
-        try:
-            for _, old, _ in built:
-                old.eval()
-            collect_attention_inputs(model, [], batches, lambda n, x: None)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module, mode in modes.items():
-                module.train(mode)
+        errors = output_errors(model, {name: old for name, old, _ in built}, batches)
         tokens = token_count(model) or 0
         rows = []
         for name, old, new in built:
             assert isinstance(new, TensorAttention)
             st = new.stats
-            diff, ref = errors[name]
             ranks = st.ranks_mean()
             rows.append(
                 {
@@ -543,9 +523,9 @@ class AttnTensorMethod(AttentionSwapMethod):
                     "ranks": [round(r) for r in ranks]
                     if new.decomposition == "tucker"
                     else [round(ranks[1])],
-                    "params_before": sum(p.numel() for p in old.parameters()),
-                    "params_after": sum(p.numel() for p in new.parameters()),
-                    "rel_error": math.sqrt(diff / ref) if ref > 0 else 0.0,
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": errors[name],
                     "energy": float(st.energy_mean()),
                     "seconds": float(st.decompose_seconds),
                 }

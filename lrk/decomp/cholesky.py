@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs
+from lrk.decomp.attention_swap import AttentionSwapMethod, output_errors
 from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_number
 from lrk.errors import LrkConfigError
@@ -309,42 +309,13 @@ class CholeskyMethod(AttentionSwapMethod):
     ) -> list[dict[str, Any]]:
         """One row per swapped module: output error on the calibration batches (``rel_error``; the weight error
         ``qk_rel_error`` stands in, with kind ``cholesky_qk``, when there is no calibration batch)."""
-        pairs = {name: (old, new) for name, old, new in built}
-        sums = {name: [0.0, 0.0] for name in pairs}
-        pending: dict[str, torch.Tensor] = {}
-
-        def reference(name: str, x: torch.Tensor) -> None:  # pre-hook: the dense module on the same input
-            pending[name] = pairs[name][0](x).double()
-
-        def compare(name: str, out: torch.Tensor) -> None:  # forward hook of the swapped module
-            ref = pending.pop(name)
-            sums[name][0] += float((out.detach().double() - ref).square().sum())
-            sums[name][1] += float(ref.square().sum())
-
-        modes = {name: old.training for name, (old, _) in pairs.items()}
-        handles = [
-            new.register_forward_hook(lambda m, a, out, _n=name: compare(_n, out))
-            for name, (_, new) in pairs.items()
-        ]
-        count = 0
-        try:
-            for old, _ in pairs.values():
-                old.eval()
-            if batches:
-                count = collect_attention_inputs(model, list(pairs), batches, reference)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for name, (old, _) in pairs.items():
-                old.train(modes[name])
+        errors = output_errors(model, {name: old for name, old, _ in built}, batches)
         rows = []
         for name, old, new in built:
             assert isinstance(new, CholeskyAttention)
             qk_err = float(qk_rel_errors(old, new).mean())
-            if count:
-                err, norm = sums[name]
-                rel = math.sqrt(err / norm) if norm > 0 else (0.0 if err == 0 else math.inf)
-                kind = f"cholesky_{self.init}"
+            if batches:
+                rel, kind = errors[name], f"cholesky_{self.init}"
             else:
                 rel, kind = qk_err, "cholesky_qk"
             rows.append(

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs
+from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, output_errors
 from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
@@ -394,7 +394,7 @@ class PCAMethod(AttentionSwapMethod):
             seconds[name] += time.perf_counter() - start
             st["images"].clear()
 
-        errors = self._measure(model, targets, built, batches)
+        errors = output_errors(model, built, batches, swapped=False)  # on the dense model's inputs
         return {
             "built": built,
             "energy": energies,
@@ -402,34 +402,6 @@ class PCAMethod(AttentionSwapMethod):
             "seconds": seconds,
             "tokens": token_counts,
         }
-
-    @staticmethod
-    def _measure(
-        model: nn.Module,
-        targets: list[tuple[str, AttentionBase]],
-        built: dict[str, PCAAttention],
-        batches: list[Any],
-    ) -> dict[str, float]:
-        """||pca(x) - dense(x)||_F / ||dense(x)||_F per target over the calibration inputs x of the dense model
-        (both modules in eval mode, no gradient)."""
-        modules = dict(targets)
-        sums = {n: [0.0, 0.0] for n in modules}
-
-        def compare(name: str, x: torch.Tensor) -> None:
-            ref = modules[name].forward(x)  # .forward: calling the module would re-enter this pre-hook
-            out = built[name](x)
-            sums[name][0] += float((out - ref).double().square().sum())
-            sums[name][1] += float(ref.double().square().sum())
-
-        modes = {n: m.training for n, m in built.items()}
-        try:
-            for m in built.values():
-                m.eval()
-            collect_attention_inputs(model, list(modules), batches, compare)
-        finally:
-            for n, m in built.items():
-                m.train(modes[n])
-        return {n: math.sqrt(diff / ref) if ref > 0 else 0.0 for n, (diff, ref) in sums.items()}
 
     def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> PCAAttention:
         return context["built"][name]

@@ -70,8 +70,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, token_count
-from lrk.decomp.base import register_method
+from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, run_batches, token_count
+from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int, is_number
 from lrk.errors import LrkConfigError
 from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
@@ -768,9 +768,7 @@ class SDRMMethod(AttentionSwapMethod):
         calibration time stays in ``stats.fit_seconds`` (part of ``time/rr_s``)."""
         calibrated = self.settings["subspace"] == "calibrated"
         if batches and not calibrated:
-            collect_attention_inputs(
-                model, [], batches, lambda n, x: None
-            )  # run them through the SDRM modules
+            run_batches(model, batches)  # run them through the SDRM modules
         rows = []
         tokens = token_count(model)
         for name, old, new in built:
@@ -795,8 +793,8 @@ class SDRMMethod(AttentionSwapMethod):
                     "shape": [tokens or 0, new.dim],
                     "rank": float(rank),
                     "ranks": [round(rank)],
-                    "params_before": sum(p.numel() for p in old.parameters()),
-                    "params_after": sum(p.numel() for p in new.parameters()),
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
                     "rel_error": float(rel),
                     "energy": float(energy),
                     "seconds": float(st.rr_seconds + st.fit_seconds),
