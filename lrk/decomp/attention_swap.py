@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -50,6 +52,24 @@ def token_count(model: nn.Module) -> int | None:
         return None
     prefix = getattr(model, "num_prefix_tokens", 0)
     return patches + (prefix if isinstance(prefix, int) else 0)
+
+
+def clock(sync: bool) -> float:
+    """``time.perf_counter()``, after ``torch.cuda.synchronize()`` when ``sync`` (CUDA kernels run asynchronously:
+    without it a forward's time would miss the work still queued)."""
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@dataclass
+class ModuleStats:
+    """Base of the run statistics that a swapped attention module keeps in ``module.stats`` (not in the state
+    dict): a dataclass whose fields all have plain defaults, which :meth:`reset` restores."""
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, f.default)
 
 
 def model_device(model: nn.Module) -> torch.device:

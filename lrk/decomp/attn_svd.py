@@ -48,14 +48,13 @@ apply). :func:`attn_svd_metrics` sums them over a model (``time/rr_s``, ``time/r
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, run_batches, token_count
+from lrk.decomp.attention_swap import AttentionSwapMethod, ModuleStats, clock, run_batches, token_count
 from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
@@ -94,14 +93,8 @@ def rank_limit_error(rank: int, tokens: int, dim: int, where: str) -> LrkConfigE
     )
 
 
-def _now(sync: bool) -> float:
-    if sync:
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 @dataclass
-class AttnSVDStats:
+class AttnSVDStats(ModuleStats):
     """What an :class:`SVDOutputAttention` did since it was built (or ``reset``). Not part of the state dict.
 
     Sums over images (one truncation per image per forward) and forwards; the means are properties.
@@ -117,10 +110,6 @@ class AttnSVDStats:
     norm_sq: float = 0.0  # ||O||_F^2, summed over forwards
     rr_seconds: float = 0.0  # truncation time inside forwards
     fit_seconds: float = 0.0  # truncation time of the calibration forwards in apply
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, f.default)
 
     @property
     def rank_mean(self) -> float:
@@ -206,11 +195,11 @@ class SVDOutputAttention(MultiHeadSelfAttention):
         batch, tokens, _ = out.shape
         rank = self.fixed_rank(tokens)
         sync = out.is_cuda
-        start = _now(sync)
+        start = clock(sync)
         projected, ranks, retained = batched_truncation(
             out, rank=rank, energy=self.energy if rank is None else None
         )
-        seconds = _now(sync) - start
+        seconds = clock(sync) - start
         st = self.stats
         with torch.no_grad():
             error_sq = float(torch.linalg.vector_norm((out - projected).detach(), dtype=torch.float64) ** 2)

@@ -54,15 +54,14 @@ inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns them
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, output_errors, token_count
+from lrk.decomp.attention_swap import AttentionSwapMethod, ModuleStats, clock, output_errors, token_count
 from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
@@ -167,7 +166,7 @@ def check_model(
 
 # --- statistics ---------------------------------------------------------------------------------------------
 @dataclass
-class TensorAttentionStats:
+class TensorAttentionStats(ModuleStats):
     """What a tensor attention module did since it was built (or ``reset``). Not part of the state dict."""
 
     forwards: int = 0
@@ -178,10 +177,6 @@ class TensorAttentionStats:
     energy_sum: float = 0.0  # retained energy ||A_hat||^2 / ||A||^2 per decomposition
     decompose_seconds: float = 0.0  # TensorLy + core projection / least squares, inside forwards
     forward_seconds: float = 0.0
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, f.default)
 
     def rank_mean(self) -> float:
         """Mean token-mode rank ((R_q + R_k) / 2 for Tucker, R for CP) over the decompositions (0 before any)."""
@@ -195,12 +190,6 @@ class TensorAttentionStats:
 
     def energy_mean(self) -> float:
         return self.energy_sum / self.decompositions if self.decompositions else 0.0
-
-
-def _now(sync: bool) -> float:
-    if sync:
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 class Approximation(NamedTuple):
@@ -376,19 +365,19 @@ class TensorAttention(MultiHeadSelfAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         sync = x.is_cuda
-        start = _now(sync)
+        start = clock(sync)
         A, v = self.attention_probs(x)
         if self.training and self.attn_drop > 0:
             A = F.dropout(A, self.attn_drop)
-        begin = _now(sync)
+        begin = clock(sync)
         approxs = self.decompose(A)
-        self.stats.decompose_seconds += _now(sync) - begin
+        self.stats.decompose_seconds += clock(sync) - begin
         parts = [self.apply_approximation(a, v[a.start : a.end]) for a in approxs]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         out = self.proj_drop(self.proj(out))
         self.stats.forwards += 1
-        self.stats.forward_seconds += _now(sync) - start
+        self.stats.forward_seconds += clock(sync) - start
         return out
 
 

@@ -63,14 +63,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, run_batches, token_count
+from lrk.decomp.attention_swap import (
+    AttentionSwapMethod,
+    ModuleStats,
+    clock,
+    collect_attention_inputs,
+    run_batches,
+    token_count,
+)
 from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int, is_number
 from lrk.errors import LrkConfigError
@@ -265,7 +272,7 @@ class AdaptiveBlockSize:
 
 # --- statistics ---------------------------------------------------------------------------------------------
 @dataclass
-class SDRMStats:
+class SDRMStats(ModuleStats):
     """What an SDRM attention module did since it was built (or ``reset``). Not part of the state dict."""
 
     forwards: int = 0
@@ -282,16 +289,6 @@ class SDRMStats:
     fit_seconds: float = 0.0  # calibration time in apply (subspace=calibrated)
     forward_seconds: float = 0.0  # whole forwards
     last_block: int = 0
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, f.default)
-
-
-def _now(sync: bool) -> float:
-    if sync:
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 # --- the attention module -----------------------------------------------------------------------------------
@@ -470,9 +467,9 @@ class SDRMAttention(MultiHeadSelfAttention):
         for s in range(0, batch, chunk):
             e = min(batch, s + chunk)
             Y = x[s:e].detach().reshape(-1, dim)  # Algorithm 1 l.2: Y = reshape(X_i, (b t, d))
-            start = _now(sync)
+            start = clock(sync)
             result = self._factorize(Y)
-            st.rr_seconds += _now(sync) - start
+            st.rr_seconds += clock(sync) - start
             self._record(result.rank, result.energy, result.rel_error, e - s, tokens, result.iterations)
             V = result.V.detach().to(x.dtype)
             out.append((s, e, V, x[s:e] @ V))
@@ -537,12 +534,12 @@ class SDRMAttention(MultiHeadSelfAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         sync = x.is_cuda
-        start = _now(sync)
+        start = clock(sync)
         heads, hd = self.num_heads, self.head_dim
         bases = self._bases(x)
         block = self._block(batch, tokens, x)
         drop = self.attn_drop if self.training else 0.0
-        core_start = _now(sync)
+        core_start = clock(sync)
         if self._use_factored(bases):
             outs = [self._factored(Z, V, block, drop) for _, _, V, Z in bases]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
@@ -560,11 +557,11 @@ class SDRMAttention(MultiHeadSelfAttention):
                 outs.append(blockwise_attention(q, k, v, block, self.block_keys, drop))
             out = torch.cat(outs, dim=-1)  # Algorithm 2 l.8 / Eq. 18: concatenate the heads
         if self.block_control is not None:
-            self.block_control.update(block or tokens, _now(sync) - core_start, batch * tokens)
+            self.block_control.update(block or tokens, clock(sync) - core_start, batch * tokens)
         out = self.proj_drop(self.proj(out))  # Eq. 19: W^O
         self.stats.forwards += 1
         self.stats.last_block = block or tokens
-        self.stats.forward_seconds += _now(sync) - start
+        self.stats.forward_seconds += clock(sync) - start
         return out
 
 
