@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_fixtures import one_thread, random_images, seeded_dense, tiny_vit  # noqa: F401 (autouse)
 from omegaconf import OmegaConf
 
 from lrk.decomp import build_method
@@ -22,17 +23,8 @@ B, T, D, H = 3, 9, 32, 2
 HD = D // H
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dense(seed: int = 0, bias: bool = True) -> MultiHeadSelfAttention:
-    torch.manual_seed(seed)
-    return MultiHeadSelfAttention(D, H, qkv_bias=bias).double().eval()
+    return seeded_dense(D, H, bias=bias, seed=seed)
 
 
 def spd_dense(bias: bool) -> MultiHeadSelfAttention:
@@ -57,13 +49,11 @@ def tokens(n: int = B, seed: int = 1) -> torch.Tensor:
 
 
 def vit(depth: int = 2) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = {"name": "vit", "dim": D, "depth": depth, "num_heads": H}
-    return build_backbone(cfg, num_classes=2, in_chans=1, image_size=16).eval()
+    return tiny_vit(D, H, depth)
 
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, seed=seed)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_fixtures import one_thread, random_images, seeded_dense, tiny_vit  # noqa: F401 (autouse)
 from omegaconf import OmegaConf
 
 from lrk.decomp import build_method
@@ -27,17 +28,8 @@ CONF = Path(__file__).resolve().parent.parent / "conf" / "decomp" / "attn_svd.ya
 B, T, D, H = 3, 17, 32, 2  # T < D: the solver's left (x x^T) side; the *_tall tests use T > D
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dense(dim: int = D, dtype: torch.dtype = torch.float64) -> MultiHeadSelfAttention:
-    torch.manual_seed(0)
-    return MultiHeadSelfAttention(dim, H).to(dtype).eval()
+    return seeded_dense(dim, H, dtype)
 
 
 def tokens(
@@ -64,9 +56,7 @@ def vit(depth: int = 2, image_size: int = 16, sharp: bool = False) -> torch.nn.M
     """A tiny ViT (16 px: 8x8 patches + cls = 65 tokens). Its initial attention is near uniform (weights of std
     0.02), so each image's attention output is nearly rank 1 (every row ~ the mean value); ``sharp`` scales the
     qkv weights by 20 so that the attention, hence its output's spectrum, is not trivial."""
-    torch.manual_seed(0)
-    cfg = {"name": "vit", "dim": D, "depth": depth, "num_heads": H}
-    model = build_backbone(cfg, num_classes=2, in_chans=1, image_size=image_size).eval()
+    model = tiny_vit(D, H, depth, image_size)
     if sharp:
         with torch.no_grad():
             for block in model.blocks:
@@ -75,7 +65,7 @@ def vit(depth: int = 2, image_size: int = 16, sharp: bool = False) -> torch.nn.M
 
 
 def images(n: int = 4, seed: int = 0, size: int = 16) -> torch.Tensor:
-    return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, size, seed)
 
 
 # --- (1) full rank = dense --------------------------------------------------------------------------------

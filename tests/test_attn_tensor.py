@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tensorly as tl
 import torch
+from attention_fixtures import one_thread, random_images, seeded_dense, tiny_vit  # noqa: F401 (autouse)
 from omegaconf import OmegaConf
 from tensorly.cp_tensor import cp_to_tensor
 
@@ -35,17 +36,8 @@ B, T, D, H = 3, 9, 16, 2
 SCOPES = ["batch", "image"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dense(dtype: torch.dtype = torch.float64) -> MultiHeadSelfAttention:
-    torch.manual_seed(0)
-    return MultiHeadSelfAttention(D, H).to(dtype).eval()
+    return seeded_dense(D, H, dtype)
 
 
 def tokens(dtype: torch.dtype = torch.float64, seed: int = 1, n: int = B) -> torch.Tensor:
@@ -54,13 +46,11 @@ def tokens(dtype: torch.dtype = torch.float64, seed: int = 1, n: int = B) -> tor
 
 
 def vit(depth: int = 1) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = {"name": "vit", "dim": D, "depth": depth, "num_heads": H, "patch_size": 2}
-    return build_backbone(cfg, num_classes=2, in_chans=1, image_size=8).eval()  # 4x4 patches + cls = 17
+    return tiny_vit(D, H, depth, image_size=8, patch_size=2)  # 4x4 patches + cls = 17
 
 
 def images(n: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, 8, seed)
 
 
 def explicit_output(module: TensorAttention, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_fixtures import one_thread, random_images, seeded_dense, tiny_vit  # noqa: F401 (autouse)
 from omegaconf import OmegaConf
 
 from lrk.decomp import build_method
@@ -28,17 +29,8 @@ B, T, D, H = 3, 17, 32, 2
 SOLVERS = ["gram", "svd", "lowrank", "adamatrix"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dense(dtype: torch.dtype = torch.float64) -> MultiHeadSelfAttention:
-    torch.manual_seed(0)
-    return MultiHeadSelfAttention(D, H).to(dtype).eval()
+    return seeded_dense(D, H, dtype)
 
 
 def tokens(dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
@@ -50,13 +42,11 @@ def tokens(dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
 
 
 def vit(depth: int = 2) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = {"name": "vit", "dim": D, "depth": depth, "num_heads": H}
-    return build_backbone(cfg, num_classes=2, in_chans=1, image_size=16).eval()  # 8x8 patches + cls = 65
+    return tiny_vit(D, H, depth)  # 8x8 patches + cls = 65
 
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, seed=seed)
 
 
 # --- the attention module ------------------------------------------------------------------------------
