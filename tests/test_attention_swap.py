@@ -1,0 +1,189 @@
+"""What every attention-swap method shares (lrk.decomp.attention_swap), tested once for all five: a model without
+attention is refused, rank_multiple / min_rank stay 1, the calibration_batches count, the methods that cannot run
+without calibration batches, and the measured output error of the report (output_errors) against an independent
+computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from attention_fixtures import one_thread, random_images, seeded_dense, tiny_vit  # noqa: F401 (autouse)
+from torch import nn
+
+from lrk.decomp import build_method
+from lrk.decomp.attention_swap import AttentionSwapMethod, output_errors, relative_error, run_batches
+from lrk.decomp.base import METHODS
+from lrk.errors import LrkConfigError
+from lrk.models import AttentionBase, MultiHeadSelfAttention, attention_modules, build_backbone
+
+METHOD_NAMES = ["sdrm", "cholesky", "pca", "attn_svd", "attn_tensor"]
+NEED_CALIBRATION = {"pca", "attn_tensor"}  # they fit on, or measure on, the calibration batches
+D, H = 16, 2
+
+
+def test_the_five_attention_methods_are_the_swap_methods() -> None:
+    swap = {name for name, cls in METHODS.items() if issubclass(cls, AttentionSwapMethod)}
+    assert swap == set(METHOD_NAMES)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_a_model_without_attention_is_one_clear_error(name: str) -> None:
+    resnet = build_backbone({"name": "resnet18"}, num_classes=2, in_chans=1, image_size=16)
+    state = {k: v.clone() for k, v in resnet.state_dict().items()}
+    with pytest.raises(
+        LrkConfigError, match=rf"decomp={name} needs a backbone with attention modules .*ViT.*ResNet"
+    ):
+        build_method({"name": name}).apply(resnet, [random_images(2)])
+    assert all(torch.equal(v, state[k]) for k, v in resnet.state_dict().items())
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize(("key", "value"), [("rank_multiple", 8), ("min_rank", 2), ("min_rank", 4)])
+def test_rank_rounding_keys_must_stay_one(name: str, key: str, value: object) -> None:
+    with pytest.raises(
+        LrkConfigError, match=rf"decomp.{key}={value!r} is invalid for decomp={name}: it supports only 1"
+    ):
+        build_method({"name": name, key: value})
+    build_method({"name": name, key: 1})
+    build_method({"name": name, key: None})
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("count", [-1, 1.5, True, "2"])
+def test_calibration_batches_must_be_a_count(name: str, count: object) -> None:
+    least = 1 if name in NEED_CALIBRATION else 0
+    with pytest.raises(
+        LrkConfigError,
+        match=rf"decomp.calibration_batches={count!r} is invalid.*it must be an integer >= {least}",
+    ):
+        build_method({"name": name, "calibration_batches": count})
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_zero_calibration_batches_only_where_the_method_can_do_without(name: str) -> None:
+    if name in NEED_CALIBRATION:
+        with pytest.raises(
+            LrkConfigError, match=rf"calibration_batches=0 is invalid for decomp={name}: .* >= 1 \("
+        ):
+            build_method({"name": name, "calibration_batches": 0})
+        model = tiny_vit(D, H, 1)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(LrkConfigError, match=rf"decomp={name} needs calibration batches .*got none: "):
+            build_method({"name": name}).apply(model, [])
+        assert all(type(m).__name__ == "MultiHeadSelfAttention" for _, m in attention_modules(model))
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    else:
+        method = build_method({"name": name, "calibration_batches": 0})
+        model = tiny_vit(D, H, 1)
+        report = method.apply(model, [])
+        assert len(report.rows) == 1
+        assert all(type(m).__name__ != "MultiHeadSelfAttention" for _, m in attention_modules(model))
+
+
+# --- output_errors / run_batches ----------------------------------------------------------------------------
+class Chain(nn.Module):
+    """images [B, 1, T, 4] -> tokens [B, T, D] -> first -> second (two attention modules in a row)."""
+
+    def __init__(self, first: AttentionBase, second: AttentionBase) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = nn.Linear(4, D).double()
+        self.first = first
+        self.second = second
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(self.embed(img.flatten(1, 2))))
+
+
+def perturbed(module: AttentionBase, seed: int, drop: float = 0.0) -> AttentionBase:
+    """A copy of ``module`` with noise on its weights (a stand-in for a replacement), dropout ``drop``."""
+    new = type(module).from_attention(module, attn_drop=drop, proj_drop=drop)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return new
+
+
+def image_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        scale * torch.randn(n, 1, 5, 4, generator=g, dtype=torch.float64) for n, scale in ((3, 1.0), (2, 4.0))
+    ]
+
+
+def pooled_error(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """sqrt(sum ||new - dense||^2 / sum ||dense||^2) over (new, dense) outputs, computed here."""
+    diff = sum(float((new - dense).square().sum()) for new, dense in pairs)
+    ref = sum(float(dense.square().sum()) for _, dense in pairs)
+    return math.sqrt(diff / ref)
+
+
+@pytest.mark.parametrize("swapped", [True, False])
+def test_output_errors_compare_each_module_on_the_inputs_of_the_model(swapped: bool) -> None:
+    """Relative Frobenius error pooled over batches, each module on the inputs the model gives it (the swapped
+    model's when ``swapped``, the dense model's otherwise); the modules outside the model run in eval mode (their
+    dropout would change the numbers) and get their modes back."""
+    dense = {
+        name: MultiHeadSelfAttention.from_attention(
+            seeded_dense(D, H, seed=seed), attn_drop=0.5, proj_drop=0.5
+        )
+        for name, seed in (("first", 1), ("second", 2))
+    }
+    new = {"first": perturbed(dense["first"], 7, drop=0.5), "second": perturbed(dense["second"], 8, drop=0.5)}
+    inside, outside = (new, dense) if swapped else (dense, new)
+    model = Chain(inside["first"], inside["second"]).train()
+    for m in outside.values():
+        m.train()
+    batches = image_batches()
+    errors = output_errors(model, outside, batches, swapped=swapped)
+
+    assert model.training and all(m.training for m in model.modules())
+    assert all(m.training for m in outside.values())
+
+    expected: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"first": [], "second": []}
+    elsewhere = []  # the second module on the inputs of the other model
+    with torch.no_grad():
+        for m in [*new.values(), *dense.values()]:
+            m.eval()
+        for img in batches:
+            x = model.embed(img.flatten(1, 2))
+            out_new, out_dense = new["first"](x), dense["first"](x)
+            expected["first"].append((out_new, out_dense))
+            inner, other = (
+                (out_new, out_dense) if swapped else (out_dense, out_new)
+            )  # inner: as the model runs
+            expected["second"].append((new["second"](inner), dense["second"](inner)))
+            elsewhere.append((new["second"](other), dense["second"](other)))
+    for name in ("first", "second"):
+        assert errors[name] == pytest.approx(pooled_error(expected[name]), rel=1e-12)
+        assert 0.01 < errors[name] < 1.0
+    assert abs(pooled_error(elsewhere) - errors["second"]) > 1e-3 * errors["second"]  # the inputs matter
+
+
+def test_output_errors_of_an_identical_module_and_without_batches() -> None:
+    dense = seeded_dense(D, H, seed=1)
+    same = type(dense).from_attention(dense)
+    model = Chain(same, seeded_dense(D, H, seed=2))
+    assert output_errors(model, {"first": dense}, image_batches()) == {"first": 0.0}
+    assert output_errors(model, {"first": perturbed(dense, 7)}, []) == {"first": 0.0}
+
+
+def test_relative_error_of_a_zero_reference() -> None:
+    assert relative_error(4.0, 16.0) == 0.5
+    assert relative_error(0.0, 0.0) == 0.0
+    assert relative_error(1e-30, 0.0) == math.inf
+
+
+def test_run_batches_counts_and_restores_modes() -> None:
+    model = tiny_vit(D, H, 1).train()
+    model.blocks[0].eval()  # a mixed state comes back as it was
+    seen: list[bool] = []
+    model.blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(m.training))
+    labels = torch.zeros(2, dtype=torch.long)
+    assert run_batches(model, [random_images(2), (random_images(2, seed=1), labels)]) == 2
+    assert seen == [False, False]  # eval inside
+    assert model.training and not model.blocks[0].training and not model.blocks[0].attn.training
+    assert model.head.training
