@@ -135,38 +135,6 @@ def collect_attention_inputs(
             handle.remove()
 
 
-def report_row(
-    name: str,
-    kind: str,
-    old: nn.Module,
-    new: nn.Module,
-    *,
-    shape: list[int],
-    rank: float,
-    ranks: list[int],
-    rel_error: float,
-    energy: float,
-    seconds: float,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The report row of one swapped attention module, with the keys every method's rows have (name, kind, shape,
-    rank, ranks, params_before/after of ``old``/``new``, rel_error, energy, seconds; numbers as floats), then the
-    method's ``extra`` keys."""
-    return {
-        "name": name,
-        "kind": kind,
-        "shape": shape,
-        "rank": float(rank),
-        "ranks": ranks,
-        "params_before": own_params(old),
-        "params_after": own_params(new),
-        "rel_error": float(rel_error),
-        "energy": float(energy),
-        "seconds": float(seconds),
-        **extra,
-    }
-
-
 def relative_error(diff_sq: float, ref_sq: float) -> float:
     """sqrt(diff_sq / ref_sq): a relative Frobenius error from its squared sums (0 when both are 0, inf when only
     the reference is 0)."""
@@ -295,18 +263,18 @@ class AttentionSwapMethod(DecompMethod):
         with the parameter counts and the build seconds of the context (``context['seconds'][name]``)."""
         seconds = context.get("seconds", {})
         return [
-            report_row(
-                name,
-                self.name,
-                old,
-                new,
-                shape=[new.dim, new.dim],
-                rank=new.dim,
-                ranks=[new.dim],
-                rel_error=0.0,
-                energy=1.0,
-                seconds=seconds.get(name, 0.0),
-            )
+            {
+                "name": name,
+                "kind": self.name,
+                "shape": [new.dim, new.dim],
+                "rank": float(new.dim),
+                "ranks": [new.dim],
+                "params_before": own_params(old),
+                "params_after": own_params(new),
+                "rel_error": 0.0,
+                "energy": 1.0,
+                "seconds": float(seconds.get(name, 0.0)),
+            }
             for name, old, new in built
         ]
 

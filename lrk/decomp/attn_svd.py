@@ -54,15 +54,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lrk.decomp.attention_swap import (
-    AttentionSwapMethod,
-    ModuleStats,
-    clock,
-    report_row,
-    run_batches,
-    token_count,
-)
-from lrk.decomp.base import register_method
+from lrk.decomp.attention_swap import AttentionSwapMethod, ModuleStats, clock, run_batches, token_count
+from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.batched_svd import batched_truncation
@@ -341,18 +334,18 @@ class AttnSVDMethod(AttentionSwapMethod):
                 energy = new.energy if new.energy is not None else 0.0
                 rel = math.sqrt(max(1.0 - energy, 0.0))
             rows.append(
-                report_row(
-                    name,
-                    kind,
-                    old,
-                    new,
-                    shape=[tokens, new.dim],
-                    rank=rank,
-                    ranks=[round(rank)],
-                    rel_error=rel,
-                    energy=energy,
-                    seconds=st.rr_seconds,
-                )
+                {
+                    "name": name,
+                    "kind": kind,
+                    "shape": [tokens, new.dim],
+                    "rank": float(rank),
+                    "ranks": [round(rank)],
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": float(rel),
+                    "energy": float(energy),
+                    "seconds": float(st.rr_seconds),
+                }
             )
             fit = st.fit_seconds + st.rr_seconds
             st.reset()

@@ -61,15 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import (
-    AttentionSwapMethod,
-    ModuleStats,
-    clock,
-    output_errors,
-    report_row,
-    token_count,
-)
-from lrk.decomp.base import register_method
+from lrk.decomp.attention_swap import AttentionSwapMethod, ModuleStats, clock, output_errors, token_count
+from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.attention_tensor import (
@@ -511,18 +504,20 @@ class AttnTensorMethod(AttentionSwapMethod):
             st = new.stats
             ranks = st.ranks_mean()
             rows.append(
-                report_row(
-                    name,
-                    f"attn_tensor_{new.decomposition}_{new.scope}",
-                    old,
-                    new,
-                    shape=[new.num_heads, tokens, tokens],
-                    rank=st.rank_mean(),
-                    ranks=[round(r) for r in ranks] if new.decomposition == "tucker" else [round(ranks[1])],
-                    rel_error=errors[name],
-                    energy=st.energy_mean(),
-                    seconds=st.decompose_seconds,
-                )
+                {
+                    "name": name,
+                    "kind": f"attn_tensor_{new.decomposition}_{new.scope}",
+                    "shape": [new.num_heads, tokens, tokens],
+                    "rank": float(st.rank_mean()),
+                    "ranks": [round(r) for r in ranks]
+                    if new.decomposition == "tucker"
+                    else [round(ranks[1])],
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": errors[name],
+                    "energy": float(st.energy_mean()),
+                    "seconds": float(st.decompose_seconds),
+                }
             )
             st.reset()
         return rows

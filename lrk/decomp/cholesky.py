@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, output_errors, report_row
-from lrk.decomp.base import register_method
+from lrk.decomp.attention_swap import AttentionSwapMethod, output_errors
+from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_number
 from lrk.errors import LrkConfigError
 from lrk.linalg.psd import nearest_spd_factor, pack_tril, tril_size, unpack_tril
@@ -319,18 +319,18 @@ class CholeskyMethod(AttentionSwapMethod):
             else:
                 rel, kind = qk_err, "cholesky_qk"
             rows.append(
-                report_row(
-                    name,
-                    kind,
-                    old,
-                    new,
-                    shape=[new.dim, new.dim],  # W_QK^h
-                    rank=new.head_dim,
-                    ranks=[new.head_dim] * new.num_heads,
-                    rel_error=rel,
-                    energy=max(0.0, 1.0 - rel * rel) if math.isfinite(rel) else 0.0,
-                    seconds=context["seconds"].get(name, 0.0),
-                    qk_rel_error=qk_err,
-                )
+                {
+                    "name": name,
+                    "kind": kind,
+                    "shape": [new.dim, new.dim],  # W_QK^h
+                    "rank": float(new.head_dim),
+                    "ranks": [new.head_dim] * new.num_heads,
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": float(rel),
+                    "energy": max(0.0, 1.0 - rel * rel) if math.isfinite(rel) else 0.0,
+                    "seconds": float(context["seconds"].get(name, 0.0)),
+                    "qk_rel_error": qk_err,
+                }
             )
         return rows

@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, output_errors, report_row
-from lrk.decomp.base import register_method
+from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, output_errors
+from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.pca import (
@@ -418,17 +418,17 @@ class PCAMethod(AttentionSwapMethod):
         for name, old, new in built:
             assert isinstance(new, PCAAttention)
             rows.append(
-                report_row(
-                    name,
-                    f"pca_{new.basis_mode}",
-                    old,
-                    new,
-                    shape=[2 * context["tokens"][name], new.head_dim],  # per head: joint q/k tokens x d_k
-                    rank=new.rank,
-                    ranks=[new.rank] * new.num_heads,
-                    rel_error=context["rel_error"][name],
-                    energy=context["energy"][name],
-                    seconds=context["seconds"][name],
-                )
+                {
+                    "name": name,
+                    "kind": f"pca_{new.basis_mode}",
+                    "shape": [2 * context["tokens"][name], new.head_dim],  # per head: joint q/k tokens x d_k
+                    "rank": float(new.rank),
+                    "ranks": [new.rank] * new.num_heads,
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": float(context["rel_error"][name]),
+                    "energy": float(context["energy"][name]),
+                    "seconds": float(context["seconds"][name]),
+                }
             )
         return rows

@@ -75,11 +75,10 @@ from lrk.decomp.attention_swap import (
     ModuleStats,
     clock,
     collect_attention_inputs,
-    report_row,
     run_batches,
     token_count,
 )
-from lrk.decomp.base import register_method
+from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int, is_number
 from lrk.errors import LrkConfigError
 from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
@@ -785,18 +784,18 @@ class SDRMMethod(AttentionSwapMethod):
                 energy = float(new.energy) if new.energy is not None else 0.0
                 rel = math.sqrt(max(1.0 - energy, 0.0))
             rows.append(
-                report_row(
-                    name,
-                    kind,
-                    old,
-                    new,
-                    shape=[tokens or 0, new.dim],
-                    rank=rank,
-                    ranks=[round(rank)],
-                    rel_error=rel,
-                    energy=energy,
-                    seconds=st.rr_seconds + st.fit_seconds,
-                )
+                {
+                    "name": name,
+                    "kind": kind,
+                    "shape": [tokens or 0, new.dim],
+                    "rank": float(rank),
+                    "ranks": [round(rank)],
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": float(rel),
+                    "energy": float(energy),
+                    "seconds": float(st.rr_seconds + st.fit_seconds),
+                }
             )
             fit = st.fit_seconds + st.rr_seconds
             st.reset()
