@@ -372,3 +372,20 @@ def test_config_file_builds_the_defaults() -> None:
     assert s["ratio"] == 0.5 and s["rank"] is None and s["energy"] is None
     assert s["basis"] == "batch" and s["center"] is False and s["solver"] == "eigh"
     assert build_method(OmegaConf.merge(cfg, {"energy": 0.9})).settings["ratio"] is None
+
+
+def test_batch_basis_time_is_counted_as_rank_reduction():
+    from lrk.decomp.pca import pca_metrics
+
+    torch.manual_seed(0)
+    dense = MultiHeadSelfAttention(16, 2)
+    x = torch.randn(3, 5, 16)
+    batch = PCAAttention.from_attention(dense, rank=4, basis="batch")
+    model = torch.nn.Sequential(batch)
+    assert pca_metrics(model) == {"time/rr_s": 0.0, "time/rr_forward_s": 0.0}
+    batch(x)
+    batch(x)
+    metrics = pca_metrics(model)
+    assert batch.stats.forwards == 2
+    assert metrics["time/rr_forward_s"] > 0 and metrics["time/rr_s"] == metrics["time/rr_forward_s"]
+    assert pca_metrics(torch.nn.Sequential(dense)) == {}

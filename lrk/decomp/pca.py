@@ -50,13 +50,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, collect_attention_inputs, output_errors
+from lrk.decomp.attention_swap import (
+    AttentionSwapMethod,
+    ModuleStats,
+    clock,
+    collect_attention_inputs,
+    output_errors,
+)
 from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
@@ -135,6 +142,15 @@ def check_rank(rank: int, head_dim: int, what: str = "decomp.rank") -> None:
 
 
 # --- the attention module -----------------------------------------------------------------------------------
+@dataclass
+class PCAStats(ModuleStats):
+    """What a PCA attention module did since it was built (or ``reset``). Not part of the state dict."""
+
+    forwards: int = 0
+    rr_seconds: float = 0.0  # basis=batch: the per-image bases inside forwards (the method's rank reduction)
+    fit_seconds: float = 0.0  # apply: moments, rank rule and calibrated basis
+
+
 class PCAAttention(MultiHeadSelfAttention):
     """Multi-head self-attention with queries and keys projected on a rank-r principal basis per head (slides
     "Used methods. PCA"; see the module docstring): ``softmax((q_h B_h)(k_h B_h)^T / sqrt(d_k)) v_h``, then ``proj``.
@@ -171,6 +187,7 @@ class PCAAttention(MultiHeadSelfAttention):
         self.oversample = oversample
         self.layer_name = layer_name
         self._fitted = False
+        self.stats = PCAStats()
         if basis == "calibrated":
             self.register_buffer("pca_basis", torch.zeros(num_heads, self.head_dim, self.rank))
 
@@ -234,6 +251,8 @@ class PCAAttention(MultiHeadSelfAttention):
                     "with calibration batches, call fit_basis(), or load a state dict that holds pca_basis"
                 )
             return self.pca_basis.to(q.dtype)
+        sync = q.is_cuda
+        start = clock(sync)
         with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
             features = torch.cat([q.detach(), k.detach()], dim=-2)  # [B, H, 2T, d_k]: one image, one head
             if not bool(torch.isfinite(features).all()):
@@ -244,11 +263,13 @@ class PCAAttention(MultiHeadSelfAttention):
             basis = principal_basis(
                 features, self.rank, self.center, self.solver, self.niter, self.oversample
             )
+        self.stats.rr_seconds += clock(sync) - start
         return basis.to(q.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         q, k, v = self.heads(x)
+        self.stats.forwards += 1
         basis = self.current_basis(q, k)
         out = F.scaled_dot_product_attention(
             q @ basis,  # [B, H, T, r]
@@ -264,6 +285,18 @@ class PCAAttention(MultiHeadSelfAttention):
 def pca_modules(model: nn.Module) -> list[tuple[str, PCAAttention]]:
     """Every PCA attention module of ``model`` with its name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PCAAttention)]
+
+
+def pca_metrics(model: nn.Module) -> dict[str, float]:
+    """``time/rr_s`` of the PCA modules of ``model`` since apply: fitting in apply + the per-image bases inside
+    forwards (``basis=batch``); ``time/rr_forward_s``: the part inside forwards (inside ``time/mha_s``)."""
+    stats = [m.stats for _, m in pca_modules(model)]
+    if not stats:
+        return {}
+    return {
+        "time/rr_s": float(sum(s.rr_seconds + s.fit_seconds for s in stats)),
+        "time/rr_forward_s": float(sum(s.rr_seconds for s in stats)),
+    }
 
 
 # --- the method ---------------------------------------------------------------------------------------------
@@ -403,8 +436,15 @@ class PCAMethod(AttentionSwapMethod):
             "tokens": token_counts,
         }
 
+    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
+        """:func:`pca_metrics`: the bases computed inside the fit's forwards (``time/rr_s``)."""
+        return pca_metrics(model)
+
     def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> PCAAttention:
-        return context["built"][name]
+        new = context["built"][name]
+        new.stats.reset()  # the error measurement in prepare ran forwards: start the run's figures at zero
+        new.stats.fit_seconds = context["seconds"][name]
+        return new
 
     def finish(
         self,
