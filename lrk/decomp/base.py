@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lrk.config import config_to_dict
+from lrk.decomp.checks import is_int
 from lrk.decomp.rank_policy import FixedRank, RankPolicy, RankProblem, Ranks
 from lrk.decomp.report import DecompReport
 from lrk.errors import LrkConfigError
@@ -152,7 +153,7 @@ class DecompMethod:
             raise LrkConfigError(f"decomp.stage={stage!r} is invalid: it must be one of {list(STAGES)}")
         self.stage: str = stage
         epochs = self.cfg["finetune_epochs"]
-        if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0):
+        if not (is_int(epochs) and epochs >= 0):
             raise LrkConfigError(f"decomp.finetune_epochs={epochs!r} is invalid: it must be an integer >= 0")
         self.finetune_epochs: int = epochs
         ckpt = self.cfg["ckpt_path"]

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lrk.decomp.base import DecompMethod, FactorizedLayer, _describe, conv_like, register_method
+from lrk.decomp.checks import is_int, is_number
 from lrk.decomp.rank_policy import RankProblem, Ranks
 from lrk.decomp.svd import _copy_bias, conv_support_error
 from lrk.errors import LrkConfigError
@@ -221,13 +222,13 @@ class CPMethod(DecompMethod):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         n_iter, tol, modes = self.cfg["n_iter_max"], self.cfg["tol"], self.cfg["linear_modes"]
-        if not (isinstance(n_iter, int) and not isinstance(n_iter, bool) and n_iter >= 1):
+        if not (is_int(n_iter) and n_iter >= 1):
             raise LrkConfigError(
                 f"decomp.n_iter_max={n_iter!r} is invalid: it must be an integer >= 1 (ALS sweeps)"
             )
-        if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0):
+        if not (is_number(tol) and tol >= 0):
             raise LrkConfigError(f"decomp.tol={tol!r} is invalid: it must be a number >= 0")
-        if not (isinstance(modes, int) and not isinstance(modes, bool) and modes >= 1):
+        if not (is_int(modes) and modes >= 1):
             raise LrkConfigError(f"decomp.linear_modes={modes!r} is invalid: it must be an integer >= 1")
         self.n_iter_max, self.tol, self.linear_modes = n_iter, float(tol), modes
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lrk.decomp.base import DecompMethod, FactorizedLayer, _describe, own_params, register_method
+from lrk.decomp.checks import is_int
 from lrk.decomp.rank_policy import FixedRank, RankProblem, Ranks
 from lrk.decomp.svd import conv_support_error
 from lrk.errors import LrkConfigError
@@ -158,9 +159,7 @@ class TrawlMethod(DecompMethod):
             )
         self.kind = kind
         layer_rank = self.cfg["layer_rank"]
-        if layer_rank is not None and not (
-            isinstance(layer_rank, int) and not isinstance(layer_rank, bool) and layer_rank >= 1
-        ):
+        if layer_rank is not None and not (is_int(layer_rank) and layer_rank >= 1):
             raise LrkConfigError(
                 f"decomp.layer_rank={layer_rank!r} is invalid: it must be an integer >= 1 or null"
             )

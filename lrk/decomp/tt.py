@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lrk.decomp.base import DecompMethod, FactorizedLayer, _describe, register_method
+from lrk.decomp.checks import is_int
 from lrk.decomp.cp import _check_factors
 from lrk.decomp.rank_policy import RankProblem, Ranks
 from lrk.errors import LrkConfigError
@@ -132,7 +133,7 @@ class TTMethod(DecompMethod):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         cores = self.cfg["cores"]
-        if not (isinstance(cores, int) and not isinstance(cores, bool) and cores >= 2):
+        if not (is_int(cores) and cores >= 2):
             raise LrkConfigError(
                 f"decomp.cores={cores!r} is invalid: it must be an integer >= 2 (TT cores per layer)"
             )

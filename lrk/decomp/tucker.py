@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lrk.decomp.base import FactorizedLayer, _describe, conv_like, register_method
+from lrk.decomp.checks import is_int, is_number
 from lrk.decomp.rank_policy import RankProblem, Ranks
 from lrk.decomp.svd import SVDMethod, _copy_bias
 from lrk.errors import LrkConfigError
@@ -111,15 +112,13 @@ class TuckerMethod(SVDMethod):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         beta = self.cfg["beta"]
-        if beta is not None and not (
-            isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta > 0
-        ):
+        if beta is not None and not (is_number(beta) and beta > 0):
             raise LrkConfigError(
                 f"decomp.beta={beta!r} is invalid: it must be a positive number (R2 / R1) or null (S / C)"
             )
         self.beta = None if beta is None else float(beta)
         n_iter = self.cfg["n_iter_max"]
-        if not (isinstance(n_iter, int) and not isinstance(n_iter, bool) and n_iter >= 0):
+        if not (is_int(n_iter) and n_iter >= 0):
             raise LrkConfigError(
                 f"decomp.n_iter_max={n_iter!r} is invalid: it must be an integer >= 0 (0 = HOSVD)"
             )
