@@ -1,27 +1,14 @@
 """Set-up shared by the tests of the attention-swap methods (tests/test_sdrm.py, tests/test_attn_*.py,
-tests/test_attention_swap.py): one torch thread per test, a seeded dense attention, a tiny ViT, random images.
-
-A test module imports ``one_thread`` to make it run there (pytest finds autouse fixtures among a module's names).
+tests/test_attention_swap.py): a seeded dense attention, a tiny ViT, random images (one torch thread per test
+comes from tests/conftest.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import torch
 from torch import nn
 
 from lrk.models import MultiHeadSelfAttention, build_backbone
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Every test on one torch thread (the CPU cores are shared); the previous count is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def seeded_dense(

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from attention_fixtures import one_thread, random_images, seeded_dense, tiny_vit  # noqa: F401 (autouse)
+from attention_fixtures import random_images, seeded_dense, tiny_vit
 from torch import nn
 
 from lrk.decomp import build_method

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tensorly as tl
 import torch
-from attention_fixtures import one_thread, random_images, seeded_dense, tiny_vit  # noqa: F401 (autouse)
+from attention_fixtures import random_images, seeded_dense, tiny_vit
 from omegaconf import OmegaConf
 from tensorly.cp_tensor import cp_to_tensor
 

@@ -22,15 +22,6 @@ from lrk.linalg.tt import tt_max_ranks
 TOL = 1e-4  # float32 layers: max |y_factorized - y_dense| relative to max |y_dense|
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on the shared 2-core machine ran 10-20x slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
     return float((a - b).abs().max()) <= tol * float(b.abs().max())
 

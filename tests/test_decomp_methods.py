@@ -16,15 +16,6 @@ CONF = Path(__file__).resolve().parent.parent / "conf" / "decomp"
 NAMES = ["svd", "tucker", "cp", "tt", "trawl"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on the shared 2-core machine ran 10-20x slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Block(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()

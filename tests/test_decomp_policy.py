@@ -8,15 +8,6 @@ from lrk.errors import LrkConfigError
 from lrk.linalg.rank import energy_rank, retained_energy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on the shared 2-core machine ran 10-20x slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Wrap(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()

@@ -7,15 +7,6 @@ from lrk.linalg.adamatrix import AdaMatrixSolver, adamatrix
 from lrk.linalg.tsvd import optimal_rank_error, truncated_svd
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread (multi-threaded small LAPACK calls stall on the shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _low_rank_plus_noise(m=600, n=48, rank=6, noise=0.05, seed=0, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(m, rank, generator=g, dtype=torch.float64)

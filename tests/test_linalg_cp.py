@@ -6,15 +6,6 @@ from tensorly.tenalg.core_tenalg.mttkrp import unfolding_dot_khatri_rao
 from lrk.linalg.cp import cp_als, cp_params, cp_rank_bound, cp_to_tensor, mttkrp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on the shared 2-core machine ran 10-20x slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_mttkrp_matches_tensorly_without_forming_the_khatri_rao_product():
     torch.manual_seed(0)
     x = torch.randn(5, 6, 7, 4, dtype=torch.float64)

@@ -12,15 +12,6 @@ from lrk.linalg.svd import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on the shared 2-core machine ran 10-20x slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("shape", [(24, 16), (16, 24)])
 def test_truncation_error_is_the_eckart_young_optimum(shape):
     torch.manual_seed(0)

@@ -7,15 +7,6 @@ from lrk.linalg.rank import energy_rank
 from lrk.linalg.tsvd import SOLVERS, optimal_rank_error, squared_norm, truncated_svd
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread (multi-threaded small LAPACK calls stall on the shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _matrix(m: int, n: int, spectrum: torch.Tensor, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     """Y = U0 diag(spectrum) V0^T with random orthonormal U0, V0 (a known spectrum)."""
     g = torch.Generator().manual_seed(seed)

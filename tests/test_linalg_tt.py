@@ -12,15 +12,6 @@ from lrk.linalg.tt import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on the shared 2-core machine ran 10-20x slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_balanced_factors():
     assert balanced_factors(384, 3) == (8, 8, 6)
     assert balanced_factors(1536, 3) == (16, 12, 8)

@@ -11,15 +11,6 @@ from lrk.linalg.tucker import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 threads on the shared 2-core machine ran 10-20x slower than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_full_rank_tucker2_is_exact_and_truncation_is_not():
     torch.manual_seed(0)
     w = torch.randn(12, 8, 3, 3, dtype=torch.float64)

@@ -27,14 +27,6 @@ PRESETS = sorted((Path(__file__).parents[1] / "conf" / "backbone").glob("*.yaml"
 TINY = {"name": "vit", "dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(num_classes: int = 3, image_size: int = 16, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     return build_backbone({**TINY, **overrides}, num_classes=num_classes, in_chans=1, image_size=image_size)

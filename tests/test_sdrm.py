@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from attention_fixtures import one_thread, random_images, seeded_dense, tiny_vit  # noqa: F401 (autouse)
+from attention_fixtures import random_images, seeded_dense, tiny_vit
 from omegaconf import OmegaConf
 
 from lrk.decomp import build_method
