@@ -131,12 +131,15 @@ def markdown_table(
     names: dict[tuple[str, ...], str] | None = None,
     by: Sequence[str] = (),
 ) -> str:
-    """A Markdown table: one row per group, ``mean +- std`` per metric and ``(x ratio)`` to the baseline."""
+    """A Markdown table: one row per group (the baseline first), ``mean +- std`` per metric and ``(x ratio)`` to
+    the baseline."""
     names = names or {}
     base = next((g for g in groups if g.key == baseline), None) if baseline is not None else None
     if baseline is not None and base is None:
         known = ", ".join(",".join(g.key) for g in groups)
         raise ValueError(f"baseline {','.join(baseline)} is not one of the groups: {known}")
+    if base is not None:  # the baseline first, the others in their order
+        groups = [base, *(g for g in groups if g is not base)]
     head = ["run" if not by else " / ".join(by), "n", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group in groups:

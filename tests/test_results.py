@@ -41,9 +41,11 @@ def test_groups_average_completed_runs_only(runs_dir):
 
 
 def test_table_shows_ratio_to_the_baseline(runs_dir):
-    groups = group_runs(load_runs([runs_dir]), ["decomp.name"])
+    groups = group_runs(load_runs([runs_dir]), ["decomp.name"])[::-1]  # baseline last: the table moves it up
     table = markdown_table(groups, ["test/acc", "time/mha_s"], baseline=("none",), names={("sdrm",): "SDRM"})
-    sdrm_row = next(line for line in table.splitlines() if line.startswith("| SDRM"))
+    rows = table.splitlines()[2:]
+    assert rows[0].startswith("| none |") and rows[1].startswith("| SDRM |")
+    sdrm_row = rows[1]
     assert "0.720 ± 0.028" in sdrm_row
     assert f"(×{1.1 / 2.0:.2f})" in sdrm_row  # mean mha 1.1 s vs 2.0 s
     with pytest.raises(ValueError, match="baseline cp"):
