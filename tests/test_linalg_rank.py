@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lrk.linalg.rank import energy_rank, retained_energy, tsvd_compression_ratio
+from lrk.linalg.rank import energy_rank, fraction_rank, retained_energy, tsvd_compression_ratio
 
 
 def test_energy_rank_picks_smallest_rank_meeting_phi():
@@ -26,3 +26,10 @@ def test_energy_rank_rejects_phi_outside_unit_interval(phi):
 def test_tsvd_compression_ratio_theorem_1():
     assert tsvd_compression_ratio(2, 3, 4, 1) == pytest.approx(24 / (6 + 1 + 4))
     assert tsvd_compression_ratio(8, 65, 192, 192) < 1  # no truncation costs storage (r = d)
+
+
+def test_fraction_rank_rounds_up_but_not_on_float_noise():
+    assert fraction_rank(0.3, 10) == 3  # 0.3 * 10 = 3.0000000000000004 in floats
+    assert fraction_rank(0.31, 10) == 4
+    assert fraction_rank(0.5, 65) == 33
+    assert fraction_rank(1e-6, 10) == 1 and fraction_rank(1.0, 10) == 10

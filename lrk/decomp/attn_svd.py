@@ -59,6 +59,7 @@ from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
 from lrk.linalg.batched_svd import batched_truncation
+from lrk.linalg.rank import fraction_rank
 from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
 
 DEFAULT_RATIO = 0.5
@@ -187,7 +188,7 @@ class SVDOutputAttention(MultiHeadSelfAttention):
                 raise rank_limit_error(self.rank, tokens, self.dim, f"attention module '{self.layer_name}'")
             return self.rank
         if self.ratio is not None:
-            return max(1, min(limit, math.ceil(self.ratio * limit - 1e-9)))  # 1e-9: 0.3 * 10 is not 4
+            return fraction_rank(self.ratio, limit)
         return None
 
     def truncate(self, out: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,6 @@ inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns them
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -79,6 +78,7 @@ from lrk.linalg.attention_tensor import (
     tucker_factors,
     tucker_to_tensor,
 )
+from lrk.linalg.rank import fraction_rank
 from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
 
 DECOMPOSITIONS = ("tucker", "cp")
@@ -290,7 +290,7 @@ class TensorAttention(MultiHeadSelfAttention):
             check_model(self.rank, None, tokens, self.num_heads, f" ('{self.layer_name}')")
             return self.rank
         assert self.ratio is not None
-        return min(tokens, max(1, math.ceil(self.ratio * tokens)))
+        return fraction_rank(self.ratio, tokens)
 
     def _tucker(self, A: torch.Tensor, start: int) -> Approximation:
         """Partial Tucker of A ([n, H, T, T]) over modes 1, 2, 3 (the images keep their own cores)."""

@@ -48,7 +48,6 @@ in ``apply`` (moments, eigh, rank choice; not the error measurement).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -75,6 +74,7 @@ from lrk.linalg.pca import (
     principal_basis,
     second_moment,
 )
+from lrk.linalg.rank import fraction_rank
 from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
 
 log = logging.getLogger(__name__)
@@ -128,11 +128,6 @@ def check_settings(
         raise LrkConfigError(f"decomp.oversample={oversample!r} is invalid: it must be an integer >= 0")
 
 
-def ratio_rank(ratio: float, head_dim: int) -> int:
-    """r = ceil(ratio * d_k) (a relative slack of 1e-9 keeps 0.3 * 10 from rounding up to 4)."""
-    return max(1, min(head_dim, math.ceil(ratio * head_dim - 1e-9)))
-
-
 def check_rank(rank: int, head_dim: int, what: str = "decomp.rank") -> None:
     if not (is_int(rank) and 1 <= rank <= head_dim):
         raise LrkConfigError(
@@ -177,7 +172,7 @@ class PCAAttention(MultiHeadSelfAttention):
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         check_settings(rank, None, None, basis, center, solver, niter, oversample)
-        rank = ratio_rank(DEFAULT_RATIO, self.head_dim) if rank is None else rank
+        rank = fraction_rank(DEFAULT_RATIO, self.head_dim) if rank is None else rank
         check_rank(rank, self.head_dim)
         self.rank = int(rank)
         self.basis_mode = basis
@@ -412,7 +407,7 @@ class PCAMethod(AttentionSwapMethod):
             if s["rank"] is not None:
                 rank = s["rank"]
             elif s["ratio"] is not None:
-                rank = ratio_rank(s["ratio"], head_dim)
+                rank = fraction_rank(s["ratio"], head_dim)
             else:  # the smallest r with which every head keeps phi (Eqs. 2-3 per head)
                 rank = max(energy_rank_of_moment(evals[h], s["energy"]) for h in range(module.num_heads))
             new = PCAAttention.from_attention(module, rank=rank, layer_name=name, **self.module_kwargs())

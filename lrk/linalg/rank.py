@@ -6,6 +6,8 @@ sum_{i<=r} sigma_i^2 >= phi * E.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -29,6 +31,12 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
         int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype) - 1e-12).item()) + 1
     )
     return min(rank, squared.numel())
+
+
+def fraction_rank(ratio: float, size: int) -> int:
+    """r = ceil(ratio * size), clamped to [1, size]: a rank given as a fraction of the largest one (a relative
+    slack of 1e-9 keeps float noise from rounding up: 0.3 * 10 gives 3, not 4)."""
+    return max(1, min(size, math.ceil(ratio * size - 1e-9)))
 
 
 def retained_energy(singular_values: torch.Tensor, rank: int) -> float:
