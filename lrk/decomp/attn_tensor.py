@@ -278,9 +278,7 @@ class TensorAttention(MultiHeadSelfAttention):
     # --- pieces ------------------------------------------------------------------------------------------
     def attention_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention tensor A = softmax(q k^T / sqrt(d_k)) ([B, H, T, T]) and the values V ([B, H, T, d_h])."""
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv_heads(x)
         scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
         return scores.softmax(dim=-1), v
 

@@ -75,7 +75,7 @@ from lrk.linalg.pca import (
     second_moment,
 )
 from lrk.linalg.rank import fraction_rank
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+from lrk.models.attention import AttentionBase, MultiHeadSelfAttention, split_heads
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +229,6 @@ class PCAAttention(MultiHeadSelfAttention):
             self._fitted = True  # a checkpoint carries the fitted basis
 
     # --- forward -------------------------------------------------------------------------------------------
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v of ``x`` ([B, T, D]) split into heads, each [B, H, T, d_k] (as the dense module)."""
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
-
     def current_basis(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The basis this forward projects on: [H, d_k, r] (calibrated) or [B, H, d_k, r] (batch: one per image
         and head, from the detached q and k, no gradient), in q's dtype."""
@@ -263,7 +256,7 @@ class PCAAttention(MultiHeadSelfAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        q, k, v = self.heads(x)
+        q, k, v = self.qkv_heads(x)
         self.stats.forwards += 1
         basis = self.current_basis(q, k)
         out = F.scaled_dot_product_attention(
@@ -378,8 +371,8 @@ class PCAMethod(AttentionSwapMethod):
             b = module.qkv.bias
             qkv = F.linear(x.double(), module.qkv.weight.double(), None if b is None else b.double())
             batch, tokens, _ = x.shape
-            qkv = qkv.reshape(batch, tokens, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-            features = torch.cat([qkv[0], qkv[1]], dim=-2)  # [B, H, 2T, d_k]
+            q, k, _ = split_heads(qkv, module.num_heads)
+            features = torch.cat([q, k], dim=-2)  # [B, H, 2T, d_k]
             st = stats[name]
             raw = second_moment(features).sum(0)  # [H, d_k, d_k]
             total = features.sum(dim=(0, 2))  # [H, d_k]

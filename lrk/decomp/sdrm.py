@@ -85,7 +85,7 @@ from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
 from lrk.linalg.adamatrix import adamatrix as adamatrix_svd
 from lrk.linalg.rank import energy_rank, tsvd_compression_ratio
 from lrk.linalg.tsvd import SOLVERS, TruncatedSVD, gram_svd, small_lapack_threads, truncated_svd
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+from lrk.models.attention import AttentionBase, MultiHeadSelfAttention, split_heads
 
 log = logging.getLogger(__name__)
 
@@ -544,8 +544,8 @@ class SDRMAttention(MultiHeadSelfAttention):
             outs = [self._factored(Z, V, block, drop) for _, _, V, Z in bases]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         elif not self.head_loop:
-            qkv = self._project(bases, None).reshape(batch, tokens, 3, heads, hd)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # Algorithm 2: heads split by feature columns
+            # Algorithm 2: heads split by feature columns
+            q, k, v = split_heads(self._project(bases, None), heads)
             out = blockwise_attention(q, k, v, block, self.block_keys, drop).transpose(1, 2)
             out = out.reshape(batch, tokens, dim)
         else:  # Algorithm 2 as written: one head at a time, on its own columns of W^Q, W^K, W^V

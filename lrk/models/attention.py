@@ -70,6 +70,15 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
         return new
 
 
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a ``[B, T, 3 D]`` projection laid out ``[q | k | v]`` into q, k, v, each ``[B, H, T, D / H]``
+    (head h owns feature columns h D/H ... (h+1) D/H - 1 of each part)."""
+    batch, tokens, width = qkv.shape
+    parts = qkv.reshape(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    q, k, v = parts.unbind(0)
+    return q, k, v
+
+
 class MultiHeadSelfAttention(AttentionBase):
     """Standard multi-head self-attention (Vaswani et al. 2017, Eq. 1; ViT, Dosovitskiy et al. 2021):
     ``[q, k, v] = x W_qkv``, ``softmax(q k^T / sqrt(d_h)) v`` per head, then ``proj``.
@@ -102,10 +111,13 @@ class MultiHeadSelfAttention(AttentionBase):
             "proj_drop": self.proj_drop.p,
         }
 
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of ``x`` ([B, T, D]), each split into heads: [B, H, T, head_dim]."""
+        return split_heads(self.qkv(x), self.num_heads)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
+        q, k, v = self.qkv_heads(x)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj_drop(self.proj(out))
