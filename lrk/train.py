@@ -125,9 +125,8 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
     if fits:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(_scalars(trainer.callback_metrics))
-        metrics.update(
-            method.runtime_metrics(model)
-        )  # e.g. SDRM's t-SVD inside the fit's forwards (time/rr_s)
+        # work the method does inside the fit's forwards, e.g. SDRM's t-SVD (time/rr_s)
+        metrics.update(method.runtime_metrics(model))
     if cfg.test:
         test_ckpt = _best_checkpoint(trainer) if fits else (None if cfg.train else ckpt_path)
         trainer.test(lit, datamodule=datamodule, ckpt_path=test_ckpt)
