@@ -61,6 +61,7 @@ from lrk.errors import LrkConfigError
 from lrk.linalg.batched_svd import batched_truncation
 from lrk.linalg.rank import fraction_rank
 from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+from lrk.models.utils import attention_modules
 
 DEFAULT_RATIO = 0.5
 
@@ -224,7 +225,7 @@ class SVDOutputAttention(MultiHeadSelfAttention):
 # --- collecting the figures of a run ---------------------------------------------------------------------
 def attn_svd_modules(model: nn.Module) -> list[tuple[str, SVDOutputAttention]]:
     """Every :class:`SVDOutputAttention` of ``model`` with its name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDOutputAttention)]
+    return attention_modules(model, SVDOutputAttention)
 
 
 def reset_attn_svd_stats(model: nn.Module) -> None:

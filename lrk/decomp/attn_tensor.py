@@ -80,6 +80,7 @@ from lrk.linalg.attention_tensor import (
 )
 from lrk.linalg.rank import fraction_rank
 from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+from lrk.models.utils import attention_modules
 
 DECOMPOSITIONS = ("tucker", "cp")
 SCOPES = ("batch", "image")
@@ -382,7 +383,7 @@ class TensorAttention(MultiHeadSelfAttention):
 # --- collecting the figures of a run ---------------------------------------------------------------------
 def attn_tensor_modules(model: nn.Module) -> list[tuple[str, TensorAttention]]:
     """Every tensor attention module of ``model`` with its name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorAttention)]
+    return attention_modules(model, TensorAttention)
 
 
 def attn_tensor_metrics(model: nn.Module) -> dict[str, float]:

@@ -76,6 +76,7 @@ from lrk.linalg.pca import (
 )
 from lrk.linalg.rank import fraction_rank
 from lrk.models.attention import AttentionBase, MultiHeadSelfAttention, split_heads
+from lrk.models.utils import attention_modules
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class PCAAttention(MultiHeadSelfAttention):
 
 def pca_modules(model: nn.Module) -> list[tuple[str, PCAAttention]]:
     """Every PCA attention module of ``model`` with its name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, PCAAttention)]
+    return attention_modules(model, PCAAttention)
 
 
 def pca_metrics(model: nn.Module) -> dict[str, float]:

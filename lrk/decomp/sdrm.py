@@ -86,6 +86,7 @@ from lrk.linalg.adamatrix import adamatrix as adamatrix_svd
 from lrk.linalg.rank import energy_rank, tsvd_compression_ratio
 from lrk.linalg.tsvd import SOLVERS, TruncatedSVD, gram_svd, small_lapack_threads, truncated_svd
 from lrk.models.attention import AttentionBase, MultiHeadSelfAttention, split_heads
+from lrk.models.utils import attention_modules
 
 log = logging.getLogger(__name__)
 
@@ -568,7 +569,7 @@ class SDRMAttention(MultiHeadSelfAttention):
 # --- collecting the figures of a run ---------------------------------------------------------------------
 def sdrm_modules(model: nn.Module) -> list[tuple[str, SDRMAttention]]:
     """Every SDRM attention module of ``model`` with its name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SDRMAttention)]
+    return attention_modules(model, SDRMAttention)
 
 
 def reset_sdrm_stats(model: nn.Module) -> None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from lrk.errors import LrkConfigError
-from lrk.models.attention import AttentionBase
+from lrk.models.attention import AttentionBase, AttentionT
 
 
-def attention_modules(model: nn.Module) -> list[tuple[str, AttentionBase]]:
-    """Every :class:`AttentionBase` in ``model`` with its qualified name, in module order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, AttentionBase)]
+def attention_modules(
+    model: nn.Module,
+    kind: type[AttentionT] = AttentionBase,  # type: ignore[assignment]
+) -> list[tuple[str, AttentionT]]:
+    """Every attention module of ``model`` (of class ``kind``: any :class:`AttentionBase` by default, or e.g. only
+    the SDRM ones) with its qualified name, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, kind)]
 
 
 def replace_module(model: nn.Module, qualified_name: str, new_module: nn.Module) -> nn.Module:
