@@ -54,7 +54,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, ModuleStats, clock, run_batches, token_count
+from lrk.decomp.attention_swap import (
+    AttentionSwapMethod,
+    ModuleStats,
+    clock,
+    relative_error,
+    run_batches,
+    token_count,
+)
 from lrk.decomp.base import own_params, register_method
 from lrk.decomp.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
@@ -124,7 +131,7 @@ class AttnSVDStats(ModuleStats):
     @property
     def rel_error(self) -> float:
         """||O - O_r||_F / ||O||_F over every forward since the last reset (measured, not from the spectrum)."""
-        return math.sqrt(self.error_sq / self.norm_sq) if self.norm_sq > 0 else 0.0
+        return relative_error(self.error_sq, self.norm_sq)
 
 
 class SVDOutputAttention(MultiHeadSelfAttention):
