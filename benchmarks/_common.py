@@ -11,7 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.profiler import ProfilerActivity, profile
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def decomp_config(overrides: dict) -> DictConfig:
+    """The ``decomp`` node ``python train.py decomp=<name> decomp.<key>=<value> ...`` composes: the method's
+    ``conf/decomp/<name>.yaml`` with ``overrides`` (which name the method) merged on top."""
+    return OmegaConf.merge(OmegaConf.load(CONF / "decomp" / f"{overrides['name']}.yaml"), overrides)
 
 
 def train_step(module: torch.nn.Module, x: torch.Tensor) -> None:

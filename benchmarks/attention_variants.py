@@ -31,7 +31,7 @@ import os
 from typing import Any
 
 import torch
-from _common import infer, paired_min, peak_memory_mb, spectral_tokens, train_step
+from _common import decomp_config, infer, paired_min, peak_memory_mb, spectral_tokens, train_step
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -71,7 +71,7 @@ def build_variant(
 ) -> tuple[nn.Module, dict]:
     """The swapped attention module and its report row, built by the registered method."""
     model = copy.deepcopy(dense)
-    report = build_method(cfg).apply(model, calibration)
+    report = build_method(decomp_config(cfg)).apply(model, calibration)
     return model.attn, report.rows[0]
 
 

@@ -25,11 +25,11 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import CONF, decomp_config
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -40,7 +40,6 @@ from lrk.decomp import build_method
 from lrk.decomp.sdrm import sdrm_modules
 from lrk.models import AttentionBase, build_backbone
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS: list[tuple[str, dict[str, Any] | None]] = [
     ("NRR", None),
     ("SDRM phi=0.9 (paper)", {"name": "sdrm", "energy": 0.9}),
@@ -91,9 +90,8 @@ def build_variants(dm: Any, calibration: list[torch.Tensor]) -> dict[str, tuple[
     for label, cfg in VARIANTS:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        if cfg is not None:  # the method's config file with the variant's overrides, as train.py composes it
-            node = OmegaConf.merge(OmegaConf.load(CONF / "decomp" / f"{cfg['name']}.yaml"), cfg)
-            build_method(node).apply(model, calibration)
+        if cfg is not None:
+            build_method(decomp_config(cfg)).apply(model, calibration)
         models[label] = (model, time.perf_counter() - start)
     return models
 
