@@ -39,6 +39,19 @@ def test_a_model_without_attention_is_one_clear_error(name: str) -> None:
     assert all(torch.equal(v, state[k]) for k, v in resnet.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["pca", "attn_svd", "attn_tensor"])
+def test_methods_that_reuse_dense_weights_refuse_another_attention(name: str) -> None:
+    model = tiny_vit(D, H, depth=1)
+    build_method({"name": "cholesky"}).apply(model, [random_images(2)])  # its attention has no qkv any more
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        LrkConfigError,
+        match=rf"decomp={name} cannot swap 'blocks.0.attn' \(CholeskyAttention\): .*MultiHeadSelfAttention",
+    ):
+        build_method({"name": name, "ratio": 0.5}).apply(model, [random_images(2)])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("name", METHOD_NAMES)
 @pytest.mark.parametrize(("key", "value"), [("rank_multiple", 8), ("min_rank", 2), ("min_rank", 4)])
 def test_rank_rounding_keys_must_stay_one(name: str, key: str, value: object) -> None:

@@ -37,7 +37,7 @@ from lrk.decomp.base import DecompMethod, own_params
 from lrk.decomp.checks import is_int
 from lrk.decomp.report import DecompReport
 from lrk.errors import LrkConfigError
-from lrk.models.attention import AttentionBase
+from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
 from lrk.models.utils import attention_modules, replace_module
 
 VIT_BACKBONES = "backbone=vit_edge, vit_tiny, vit_small or deit_small (name: vit)"
@@ -202,6 +202,8 @@ class AttentionSwapMethod(DecompMethod):
     calibration_use: ClassVar[str] = ""
     #: why ``rank_multiple`` / ``min_rank`` can only be 1, appended to their error message ("" = no reason given)
     no_rank_rounding_reason: ClassVar[str] = ""
+    #: whether every target must be a standard MultiHeadSelfAttention (the replacement reuses its qkv/proj)
+    needs_dense_attention: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -232,6 +234,17 @@ class AttentionSwapMethod(DecompMethod):
                 f">= 1 ({self.calibration_use})"
             )
         raise LrkConfigError(f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0")
+
+    def require_dense_attention(self, targets: Sequence[tuple[str, AttentionBase]]) -> None:
+        """A method with ``needs_dense_attention`` refuses a target that is not a standard multi-head attention."""
+        if not self.needs_dense_attention:
+            return
+        for name, module in targets:
+            if not isinstance(module, MultiHeadSelfAttention):
+                raise LrkConfigError(
+                    f"decomp={self.name} cannot swap '{name}' ({type(module).__name__}): it replaces a standard "
+                    "multi-head attention (lrk.models.MultiHeadSelfAttention) and reuses its qkv/proj weights"
+                )
 
     def require_calibration(self, batches: Sequence[Any]) -> None:
         """A method with ``needs_calibration`` was handed no calibration batch: one clear error."""
@@ -328,6 +341,7 @@ class AttentionSwapMethod(DecompMethod):
         """
         batches = list(calibration_batches) if calibration_batches is not None else []
         targets = self.select_targets(model)
+        self.require_dense_attention(targets)
         self.require_calibration(batches)
         context = self.prepare(model, targets, batches)
         built = [(name, old, self.build_attention(name, old, context)) for name, old in targets]

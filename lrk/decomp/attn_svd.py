@@ -277,6 +277,7 @@ class AttnSVDMethod(AttentionSwapMethod):
     """
 
     needs_policy = True  # RankPolicy.from_config validates rank / ratio / energy / default_ratio
+    needs_dense_attention = True
     extra_keys: ClassVar[dict[str, Any]] = {"default_ratio": DEFAULT_RATIO}
 
     def __init__(self, cfg: Any) -> None:
@@ -291,15 +292,10 @@ class AttnSVDMethod(AttentionSwapMethod):
     def prepare(
         self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
     ) -> dict[str, Any]:
-        """Before any change: every target is a standard multi-head attention (its weights are reused) and a
-        fixed ``rank`` fits min(T, D) (T from the model's patch embedding; D when T is unknown)."""
+        """Before any change: a fixed ``rank`` fits min(T, D) (T from the model's patch embedding; D when T is
+        unknown). That every target is a standard multi-head attention is checked by ``apply``."""
         tokens = token_count(model)
         for name, module in targets:
-            if not isinstance(module, MultiHeadSelfAttention):
-                raise LrkConfigError(
-                    f"decomp=attn_svd cannot swap '{name}' ({type(module).__name__}): it truncates the output of a "
-                    "standard multi-head attention (lrk.models.MultiHeadSelfAttention), whose weights it keeps"
-                )
             rank = self.settings["rank"]
             if rank is not None and rank > min(tokens or module.dim, module.dim):
                 raise rank_limit_error(rank, tokens or module.dim, module.dim, f"this model ('{name}')")

@@ -425,6 +425,7 @@ class AttnTensorMethod(AttentionSwapMethod):
         "cp_iters": DEFAULT_CP_ITERS,
     }
     needs_calibration = True
+    needs_dense_attention = True
     calibration_use = "the report measures each swapped module against dense attention on them"
 
     def __init__(self, cfg: Any) -> None:
@@ -461,15 +462,10 @@ class AttnTensorMethod(AttentionSwapMethod):
     def prepare(
         self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
     ) -> dict[str, Any]:
-        """Model checks before any change: dense multi-head attention targets, rank <= T, head_rank <= H, and
-        calibration batches to measure the report on."""
+        """Model checks before any change: rank <= T and head_rank <= H (``apply`` has checked that the targets
+        are dense multi-head attention and that there are calibration batches to measure the report on)."""
         tokens = token_count(model)
         for name, module in targets:
-            if not isinstance(module, MultiHeadSelfAttention):
-                raise LrkConfigError(
-                    f"decomp=attn_tensor cannot swap '{name}' ({type(module).__name__}): it replaces dense "
-                    "multi-head attention (lrk.models.MultiHeadSelfAttention) and copies its qkv/proj weights"
-                )
             check_model(
                 self.settings["rank"], self.settings["head_rank"], tokens, module.num_heads, f" ('{name}')"
             )

@@ -306,6 +306,7 @@ class PCAMethod(AttentionSwapMethod):
         "oversample": 4,
     }
     needs_calibration = True
+    needs_dense_attention = True
     calibration_use = (
         "the energy rule and the calibrated basis are fitted on them, and the report's rel_error/energy are "
         "measured on them"
@@ -345,12 +346,7 @@ class PCAMethod(AttentionSwapMethod):
         the replacements are built here, and a second pass measures their output error against the dense
         modules on the same inputs."""
         s = self.settings
-        for name, module in targets:
-            if not isinstance(module, MultiHeadSelfAttention):
-                raise LrkConfigError(
-                    f"decomp=pca cannot swap '{name}' ({type(module).__name__}): it needs a "
-                    "MultiHeadSelfAttention (dense qkv/proj) to copy"
-                )
+        for _, module in targets:
             if s["rank"] is not None:
                 check_rank(s["rank"], module.head_dim)
         if s["basis"] == "calibrated" and self.stage == "init":
