@@ -1,0 +1,1 @@
+"""Measurement: the one place for parameter counts, FLOPs, model size, clocks, latency and memory."""
