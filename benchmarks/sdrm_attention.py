@@ -39,7 +39,7 @@ from _common import infer, paired_min, peak_memory_mb, spectral_tokens, train_st
 from rich.console import Console
 from rich.table import Table
 
-from lrk.decomp.sdrm import SDRMAttention
+from lrk.layers.attention.sdrm import SDRMAttention
 from lrk.models import MultiHeadSelfAttention
 
 DIM, HEADS, TOKENS = 384, 6, 197

@@ -37,7 +37,7 @@ from torch import nn
 
 from lrk.data import build_datamodule
 from lrk.decomp import build_method
-from lrk.decomp.sdrm import sdrm_modules
+from lrk.decomp.attention.sdrm import sdrm_modules
 from lrk.models import AttentionBase, build_backbone
 
 VARIANTS: list[tuple[str, dict[str, Any] | None]] = [

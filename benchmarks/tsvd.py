@@ -41,7 +41,8 @@ from rich.table import Table
 
 from lrk.linalg.adamatrix import adamatrix
 from lrk.linalg.rank import energy_rank
-from lrk.linalg.tsvd import TruncatedSVD, gram_svd, optimal_rank_error, truncated_svd
+from lrk.linalg.svd_solvers import truncated_svd
+from lrk.linalg.tsvd import TruncatedSVD, gram_svd, optimal_rank_error
 
 SHAPES = [(12608, 192), (50432, 384), (200704, 768)]
 PHI = 0.9

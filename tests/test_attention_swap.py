@@ -1,4 +1,4 @@
-"""What every attention-swap method shares (lrk.decomp.attention_swap), tested once for all five: a model without
+"""What every attention-swap method shares (lrk.decomp.attention.base), tested once for all five: a model without
 attention is refused, rank_multiple / min_rank stay 1, the calibration_batches count, the methods that cannot run
 without calibration batches, and the measured output error of the report (output_errors) against an independent
 computation."""
@@ -13,9 +13,10 @@ from attention_fixtures import random_images, seeded_dense, tiny_vit
 from torch import nn
 
 from lrk.decomp import build_method
-from lrk.decomp.attention_swap import AttentionSwapMethod, output_errors, relative_error, run_batches
+from lrk.decomp.attention.base import AttentionSwapMethod, output_errors, run_batches
 from lrk.decomp.base import METHODS
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.stats import relative_error
 from lrk.models import AttentionBase, MultiHeadSelfAttention, attention_modules, build_backbone
 
 METHOD_NAMES = ["sdrm", "cholesky", "pca", "attn_svd", "attn_tensor"]

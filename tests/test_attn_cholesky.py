@@ -13,8 +13,9 @@ from attention_fixtures import random_images, seeded_dense, tiny_vit
 from omegaconf import OmegaConf
 
 from lrk.decomp import build_method
-from lrk.decomp.cholesky import CholeskyAttention, CholeskyMethod, dense_qk_forms, qk_rel_errors
+from lrk.decomp.attention.cholesky import CholeskyMethod
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.cholesky import CholeskyAttention, dense_qk_forms, qk_rel_errors
 from lrk.linalg.psd import nearest_spd_factor, pack_tril, tril_order, tril_size, unpack_tril
 from lrk.models import AttentionBase, MultiHeadSelfAttention, attention_modules
 

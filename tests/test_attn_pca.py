@@ -14,8 +14,9 @@ from attention_fixtures import random_images, seeded_dense, tiny_vit
 from omegaconf import OmegaConf
 
 from lrk.decomp import build_method
-from lrk.decomp.pca import PCAAttention, PCAMethod, pca_modules
+from lrk.decomp.attention.pca import PCAMethod, pca_modules
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.pca import PCAAttention
 from lrk.linalg.pca import (
     energy_rank_of_moment,
     moment_spectrum,
@@ -375,7 +376,7 @@ def test_config_file_builds_the_defaults() -> None:
 
 
 def test_batch_basis_time_is_counted_as_rank_reduction():
-    from lrk.decomp.pca import pca_metrics
+    from lrk.decomp.attention.pca import pca_metrics
 
     torch.manual_seed(0)
     dense = MultiHeadSelfAttention(16, 2)

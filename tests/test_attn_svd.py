@@ -12,14 +12,14 @@ from attention_fixtures import random_images, seeded_dense, tiny_vit
 from omegaconf import OmegaConf
 
 from lrk.decomp import build_method
-from lrk.decomp.attn_svd import (
+from lrk.decomp.attention.attn_svd import (
     AttnSVDMethod,
-    SVDOutputAttention,
     attn_svd_metrics,
     attn_svd_modules,
     reset_attn_svd_stats,
 )
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.attn_svd import SVDOutputAttention
 from lrk.linalg.batched_svd import batched_truncation, energy_ranks, gram_spectrum, right_projector
 from lrk.linalg.rank import energy_rank
 from lrk.models import MultiHeadSelfAttention, attention_modules

@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 from tensorly.cp_tensor import cp_to_tensor
 
 from lrk.decomp import build_method
-from lrk.decomp.attn_tensor import AttnTensorMethod, TensorAttention, attn_tensor_metrics, attn_tensor_modules
+from lrk.decomp.attention.attn_tensor import AttnTensorMethod, attn_tensor_metrics, attn_tensor_modules
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.attn_tensor import TensorAttention
 from lrk.linalg.attention_tensor import (
     cp_apply,
     cp_factors,

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lrk.decomp import build_method
-from lrk.decomp.rank_policy import EnergyRank, FixedRank, RankPolicy, RankProblem, RatioRank
+from lrk.decomp.rank.policy import EnergyRank, FixedRank, RankPolicy, RankProblem, RatioRank
 from lrk.errors import LrkConfigError
 from lrk.linalg.rank import energy_rank, retained_energy
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lrk.linalg.adamatrix import AdaMatrixSolver, adamatrix
-from lrk.linalg.tsvd import optimal_rank_error, truncated_svd
+from lrk.linalg.svd_solvers import truncated_svd
+from lrk.linalg.tsvd import optimal_rank_error
 
 
 def _low_rank_plus_noise(m=600, n=48, rank=6, noise=0.05, seed=0, dtype=torch.float32) -> torch.Tensor:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lrk.linalg.rank import energy_rank
-from lrk.linalg.tsvd import SOLVERS, optimal_rank_error, squared_norm, truncated_svd
+from lrk.linalg.svd_solvers import SOLVERS, truncated_svd
+from lrk.linalg.tsvd import optimal_rank_error, squared_norm
 
 
 def _matrix(m: int, n: int, spectrum: torch.Tensor, seed: int = 0, dtype=torch.float64) -> torch.Tensor:

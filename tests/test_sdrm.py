@@ -12,16 +12,10 @@ from attention_fixtures import random_images, seeded_dense, tiny_vit
 from omegaconf import OmegaConf
 
 from lrk.decomp import build_method
-from lrk.decomp.sdrm import (
-    AdaptiveBlockSize,
-    SDRMAttention,
-    SDRMMethod,
-    blockwise_attention,
-    reset_sdrm_stats,
-    sdrm_metrics,
-    sdrm_modules,
-)
+from lrk.decomp.attention.sdrm import SDRMMethod, reset_sdrm_stats, sdrm_metrics, sdrm_modules
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.blockwise import AdaptiveBlockSize, blockwise_attention
+from lrk.layers.attention.sdrm import SDRMAttention
 from lrk.models import MultiHeadSelfAttention, attention_modules
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "decomp" / "sdrm.yaml"

@@ -1,34 +1,37 @@
-"""Weight decompositions: one registry, one rank policy, factorized layers that keep their factors as
-parameters (design.md "The decomposition contract").
+"""Decomposition methods: config -> targets -> ranks -> layers (design.md "The decomposition contract").
 
     from lrk.decomp import build_method, METHODS
     method = build_method(cfg.decomp)          # validates the config (LrkConfigError)
     report = method.apply(model, calibration_batches)
     report.rows, report.metrics()
+
+The methods live in ``lrk.decomp.weight`` (Linear/Conv factorizations) and ``lrk.decomp.attention`` (attention
+swaps); the modules they build live in ``lrk.layers``. The layer classes are re-exported here so that imports
+from before the split keep working.
 """
 
 from lrk.decomp import (  # noqa: F401  (register the methods)
-    attn_svd,
-    attn_tensor,
-    cholesky,
-    cp,
+    attention,
     none,
-    pca,
-    sdrm,
-    svd,
-    trawl,
-    tt,
-    tucker,
+    weight,
 )
-from lrk.decomp.base import METHODS, DecompMethod, FactorizedLayer, build_method, register_method
+from lrk.decomp.base import METHODS, DecompMethod, build_method, register_method
 from lrk.decomp.counting import count_flops, count_params
-from lrk.decomp.cp import CPConv2d, CPLinear
-from lrk.decomp.rank_policy import EnergyRank, FixedRank, RankPolicy, RankProblem, RankSelector, RatioRank
+from lrk.decomp.rank import EnergyRank, FixedRank, RankPolicy, RankProblem, RankSelector, RatioRank
 from lrk.decomp.report import DecompReport
-from lrk.decomp.svd import SVDConv2d, SVDLinear
-from lrk.decomp.trawl import TrawlConv2d, TrawlLinear, TrawlShared
-from lrk.decomp.tt import TTConv1x1, TTLinear
-from lrk.decomp.tucker import TuckerConv2d
+from lrk.layers import (
+    CPConv2d,
+    CPLinear,
+    FactorizedLayer,
+    SVDConv2d,
+    SVDLinear,
+    TrawlConv2d,
+    TrawlLinear,
+    TrawlShared,
+    TTConv1x1,
+    TTLinear,
+    TuckerConv2d,
+)
 
 __all__ = [
     "METHODS",

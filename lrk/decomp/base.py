@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lrk.checks import is_int
 from lrk.config import config_to_dict
-from lrk.decomp.checks import is_int
-from lrk.decomp.rank_policy import FixedRank, RankPolicy, RankProblem, Ranks
+from lrk.decomp.rank.policy import FixedRank, RankPolicy, RankProblem, Ranks
 from lrk.decomp.report import DecompReport
 from lrk.errors import LrkConfigError
+from lrk.layers.base import FactorizedLayer, _describe, own_params
 
 METHODS: dict[str, type[DecompMethod]] = {}
 
@@ -77,55 +78,10 @@ def build_method(cfg: Mapping[str, Any] | Any) -> DecompMethod:
     return METHODS[name](values)
 
 
-def _describe(module: nn.Module) -> str:
-    if isinstance(module, nn.Linear):
-        return f"Linear {module.in_features}->{module.out_features}"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        kernel = "x".join(str(k) for k in module.kernel_size)
-        groups = f", groups={module.groups}" if module.groups != 1 else ""
-        return f"{type(module).__name__} {module.in_channels}->{module.out_channels} {kernel}{groups}"
-    return type(module).__name__
-
-
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int, groups: int = 1) -> nn.Conv2d:
-    """A bias-free Conv2d with ``conv``'s kernel size, stride, padding, dilation, padding mode, device and
-    dtype: the spatial factor of a factorized convolution (SVD, Tucker-2 core, CP depthwise)."""
-    return nn.Conv2d(
-        in_channels,
-        out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=groups,
-        bias=False,
-        padding_mode=conv.padding_mode,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
-
-
-def own_params(module: nn.Module) -> int:
-    """Parameters of ``module`` (shared tensors counted once)."""
-    return sum(p.numel() for p in module.parameters())
-
-
-class FactorizedLayer(nn.Module):
-    """Base of every factorized layer: it can rebuild its dense weight (for errors and tests)."""
-
-    ranks: Ranks
-
-    def dense_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def extra_repr(self) -> str:
-        return f"ranks={tuple(self.ranks)}"
 
 
 class DecompMethod:

@@ -1,6 +1,6 @@
 """Truncated SVD Y ≈ U diag(S) V^T of a matrix, by four solvers (SDRM, seeds/sdrm_paper.txt, section 3.1).
 
-``truncated_svd(Y, rank=r)`` or ``truncated_svd(Y, energy=phi)`` (exactly one of them; phi picks the smallest r
+``gram_svd(Y, rank=r)`` or ``gram_svd(Y, energy=phi)`` (likewise ``lowrank_svd``, ``full_svd``) (exactly one of them; phi picks the smallest r
 with sum_{i<=r} s_i^2 >= phi * ||Y||_F^2, Eqs. 2-3 via :func:`lrk.linalg.rank.energy_rank`). Solvers:
 
 - ``gram`` (default): eigen-decomposition of the Gram matrix Y^T Y (the route of Theorem 2's proof), then
@@ -15,6 +15,8 @@ with sum_{i<=r} s_i^2 >= phi * ||Y||_F^2, Eqs. 2-3 via :func:`lrk.linalg.rank.en
   phi of the energy (it may be larger than the exact energy rank by the solver's error).
 - ``svd``: ``torch.linalg.svd(Y, full_matrices=False)``, the reference.
 - ``adamatrix``: SDRM's gradient iteration (section 3.2, Algorithm 1), see :mod:`lrk.linalg.adamatrix`.
+
+:func:`lrk.linalg.svd_solvers.truncated_svd` picks one of them by name.
 
 Every result reports the relative error ||Y - U diag(S) V^T||_F / ||Y||_F of the returned factors and the
 retained energy ||U diag(S) V^T||_F^2 / ||Y||_F^2; :func:`optimal_rank_error` is the Eckart-Young optimum
@@ -32,13 +34,6 @@ from dataclasses import dataclass
 import torch
 
 from lrk.linalg.rank import energy_rank
-
-SOLVERS = ("gram", "lowrank", "svd", "adamatrix")
-_SOLVER_OPTIONS = {
-    "gram": {"accumulate"},
-    "lowrank": {"oversample", "niter", "generator"},
-    "svd": set(),
-}
 
 # Dense LAPACK on small matrices (the n x n eigh, thin QR) runs on one thread: on the shared 2-core machine a
 # 2-thread MKL eigh of a 192 x 192 matrix took 1 ms at best and 627 ms at worst (OpenMP threads spinning
@@ -124,15 +119,6 @@ def _check_matrix(Y: torch.Tensor) -> torch.Tensor:
     if not Y.is_floating_point():
         raise ValueError(f"Y.dtype={Y.dtype} is invalid: it must be a floating-point tensor")
     return Y.float() if Y.dtype in (torch.float16, torch.bfloat16) else Y
-
-
-def _check_options(solver: str, options: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        valid = ", ".join(sorted(allowed)) or "none"
-        raise ValueError(
-            f"solver option {unknown[0]}= is invalid for solver={solver!r}: valid options are {valid}"
-        )
 
 
 def _non_finite(what: str) -> ValueError:
@@ -278,28 +264,3 @@ def lowrank_svd(
             break
         q = min(2 * q, limit)
     return _finish(U[:, :r], S[:r], V[:, :r], total, "lowrank", iterations=niter)
-
-
-def truncated_svd(
-    Y: torch.Tensor,
-    rank: int | None = None,
-    energy: float | None = None,
-    solver: str = "gram",
-    **solver_options: object,
-) -> TruncatedSVD:
-    """Rank-r truncated SVD of Y (m x n), Y ≈ U diag(S) V^T, with exactly one of ``rank`` or ``energy`` (phi,
-    SDRM Eqs. 2-3). ``solver``: "gram" | "lowrank" | "svd" | "adamatrix"; ``solver_options`` go to that solver
-    (gram: accumulate; lowrank: oversample, niter, generator; adamatrix: see :func:`lrk.linalg.adamatrix.adamatrix`).
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is invalid: it must be one of {', '.join(SOLVERS)}")
-    if solver == "adamatrix":
-        from lrk.linalg.adamatrix import adamatrix  # adamatrix builds on this module
-
-        return adamatrix(Y, rank, energy, **solver_options)  # type: ignore[arg-type]
-    _check_options(solver, solver_options, _SOLVER_OPTIONS[solver])
-    if solver == "gram":
-        return gram_svd(Y, rank, energy, **solver_options)  # type: ignore[arg-type]
-    if solver == "lowrank":
-        return lowrank_svd(Y, rank, energy, **solver_options)  # type: ignore[arg-type]
-    return full_svd(Y, rank, energy)

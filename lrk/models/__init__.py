@@ -4,8 +4,8 @@ model = build_backbone(cfg.backbone, num_classes=K, in_chans=C, image_size=S)
 for name, attn in attention_modules(model): ...
 """
 
+from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention
 from lrk.models import resnet, vit  # noqa: F401  (registers the backbones)
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
 from lrk.models.checkpoint import load_checkpoint, read_state_dict
 from lrk.models.registry import BACKBONES, build_backbone, register_backbone
 from lrk.models.utils import attention_modules, count_parameters, replace_module

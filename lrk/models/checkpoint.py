@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lrk.errors import LrkConfigError
@@ -93,10 +94,23 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + more
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix_tokens: int) -> torch.Tensor:
+    """Bicubic resampling of a ``[1, prefix + g*g, D]`` position embedding to a ``grid`` x ``grid`` one
+    (the prefix tokens' embeddings are kept as they are), as when fine-tuning ViT at another resolution
+    (Dosovitskiy et al. 2021, Sec. 3.2)."""
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = math.isqrt(patches.shape[1])
+    if old * old != patches.shape[1]:
+        raise ValueError(f"position embedding of {patches.shape[1]} patch tokens is not a square grid")
+    dim = patches.shape[-1]
+    patches = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
 def _resample_pos_embed(model: nn.Module, state: dict[str, torch.Tensor], own: torch.Tensor) -> None:
     """Bicubic resampling of a ViT position embedding from another patch grid, in ``state``."""
-    from lrk.models.vit import resample_pos_embed
-
     theirs = state["pos_embed"]
     prefix = getattr(model, "num_prefix_tokens", None)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)

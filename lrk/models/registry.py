@@ -9,9 +9,10 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from lrk.checks import boolean, positive_int
 from lrk.config import config_to_dict
 from lrk.errors import LrkConfigError
-from lrk.models._checks import boolean, positive_int
+from lrk.models.checkpoint import load_checkpoint
 
 BuilderT = TypeVar("BuilderT", bound=Callable[..., nn.Module])
 
@@ -51,8 +52,6 @@ def build_backbone(cfg: Any, num_classes: int, in_chans: int, image_size: int) -
     options raise :class:`LrkConfigError` listing what is valid. With ``checkpoint_path`` set, local
     weights are loaded by :func:`lrk.models.checkpoint.load_checkpoint`.
     """
-    from lrk.models.checkpoint import load_checkpoint
-
     options = config_to_dict(cfg, "backbone")
     name = options.pop("name", None)
     valid_names = ", ".join(sorted(BACKBONES))

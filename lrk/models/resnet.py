@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torchvision
 from torch import nn
 
+from lrk.checks import positive_int
 from lrk.errors import LrkConfigError
-from lrk.models._checks import positive_int
 from lrk.models.registry import register_backbone
 
 #: below this image side, ``small_input: auto`` uses the CIFAR-style stem

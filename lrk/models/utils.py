@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lrk.errors import LrkConfigError
-from lrk.models.attention import AttentionBase, AttentionT
+from lrk.layers.attention.dense import AttentionBase, AttentionT
 
 
 def attention_modules(

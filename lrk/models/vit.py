@@ -14,16 +14,14 @@ Module names, which decomposition targets glob over (e.g. ``blocks.*.attn.qkv``)
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from lrk.checks import boolean, positive_float, positive_int, probability
 from lrk.errors import LrkConfigError
-from lrk.models._checks import boolean, positive_float, positive_int, probability
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention
 from lrk.models.registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -86,21 +84,6 @@ def resolve_patch_size(image_size: int, patch_size: int | str) -> int:
             f"image size (valid patch sizes: {divisors}, or 'auto')"
         )
     return patch_size
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix_tokens: int) -> torch.Tensor:
-    """Bicubic resampling of a ``[1, prefix + g*g, D]`` position embedding to a ``grid`` x ``grid`` one
-    (the prefix tokens' embeddings are kept as they are), as when fine-tuning ViT at another resolution
-    (Dosovitskiy et al. 2021, Sec. 3.2)."""
-    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = math.isqrt(patches.shape[1])
-    if old * old != patches.shape[1]:
-        raise ValueError(f"position embedding of {patches.shape[1]} patch tokens is not a square grid")
-    dim = patches.shape[-1]
-    patches = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, patches], dim=1)
 
 
 class PatchEmbed(nn.Module):

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 import torch
 
-from lrk.decomp.checks import is_fraction, is_int
+from lrk.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
+from lrk.layers.base import Ranks
 from lrk.linalg.rank import energy_rank
 
-Ranks = tuple[int, ...]
 POLICY_KEYS = ("rank", "ratio", "energy")
 
 

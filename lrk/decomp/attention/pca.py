@@ -49,226 +49,38 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import (
+from lrk.checks import is_fraction
+from lrk.decomp.attention.base import (
     AttentionSwapMethod,
-    ModuleStats,
-    clock,
     collect_attention_inputs,
     output_errors,
 )
-from lrk.decomp.base import own_params, register_method
-from lrk.decomp.checks import is_fraction, is_int
+from lrk.decomp.base import register_method
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention, split_heads
+from lrk.layers.attention.pca import (
+    DEFAULT_RATIO,
+    PCAAttention,
+    check_rank,
+    check_settings,
+)
+from lrk.layers.base import own_params
 from lrk.linalg.pca import (
     DEFAULT_PCA_SOLVER,
-    PCA_SOLVERS,
     energy_rank_of_moment,
     moment_spectrum,
-    principal_basis,
     second_moment,
 )
 from lrk.linalg.rank import fraction_rank
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention, split_heads
 from lrk.models.utils import attention_modules
 
 log = logging.getLogger(__name__)
-
-BASES = ("batch", "calibrated")
-DEFAULT_RATIO = 0.5
-
-
-# --- checks -----------------------------------------------------------------------------------------------
-def check_settings(
-    rank: int | None,
-    ratio: float | None,
-    energy: float | None,
-    basis: str,
-    center: bool,
-    solver: str,
-    niter: int,
-    oversample: int,
-) -> None:
-    """Validate the PCA settings (each bad value -> one :class:`LrkConfigError` naming it and what is valid).
-    At most one of rank / ratio / energy may be set; the rank's upper bound d_k is checked with the model."""
-    given = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
-    if len(given) > 1:
-        shown = ", ".join(f"decomp.{k}={v}" for k, v in given.items())
-        raise LrkConfigError(
-            f"{shown} is invalid for decomp=pca: set exactly one of decomp.rank (an integer in [1, d_k]), "
-            "decomp.ratio (a fraction of d_k in (0, 1]) or decomp.energy (phi in (0, 1]), or none of them "
-            "(decomp.default_ratio applies)"
-        )
-    if rank is not None and not (is_int(rank) and rank >= 1):
-        raise LrkConfigError(
-            f"decomp.rank={rank!r} is invalid: it must be an integer in [1, d_k] (d_k = dim / num_heads)"
-        )
-    if ratio is not None and not is_fraction(ratio):
-        raise LrkConfigError(f"decomp.ratio={ratio!r} is invalid: the fraction of d_k must lie in (0, 1]")
-    if energy is not None and not is_fraction(energy):
-        raise LrkConfigError(
-            f"decomp.energy={energy!r} is invalid: phi (the retained q/k second-moment energy) must lie in (0, 1]"
-        )
-    if basis not in BASES:
-        raise LrkConfigError(f"decomp.basis={basis!r} is invalid: it must be one of {', '.join(BASES)}")
-    if not isinstance(center, bool):
-        raise LrkConfigError(f"decomp.center={center!r} is invalid: it must be true or false")
-    if solver not in PCA_SOLVERS:
-        raise LrkConfigError(
-            f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(PCA_SOLVERS)}"
-        )
-    if not (is_int(niter) and niter >= 0):
-        raise LrkConfigError(f"decomp.niter={niter!r} is invalid: it must be an integer >= 0")
-    if not (is_int(oversample) and oversample >= 0):
-        raise LrkConfigError(f"decomp.oversample={oversample!r} is invalid: it must be an integer >= 0")
-
-
-def check_rank(rank: int, head_dim: int, what: str = "decomp.rank") -> None:
-    if not (is_int(rank) and 1 <= rank <= head_dim):
-        raise LrkConfigError(
-            f"{what}={rank!r} is invalid for this model: it must be an integer in [1, {head_dim}] "
-            f"(d_k = dim / num_heads = {head_dim})"
-        )
-
-
-# --- the attention module -----------------------------------------------------------------------------------
-@dataclass
-class PCAStats(ModuleStats):
-    """What a PCA attention module did since it was built (or ``reset``). Not part of the state dict."""
-
-    forwards: int = 0
-    rr_seconds: float = 0.0  # basis=batch: the per-image bases inside forwards (the method's rank reduction)
-    fit_seconds: float = 0.0  # apply: moments, rank rule and calibrated basis
-
-
-class PCAAttention(MultiHeadSelfAttention):
-    """Multi-head self-attention with queries and keys projected on a rank-r principal basis per head (slides
-    "Used methods. PCA"; see the module docstring): ``softmax((q_h B_h)(k_h B_h)^T / sqrt(d_k)) v_h``, then ``proj``.
-
-    The parameters of :class:`~lrk.models.MultiHeadSelfAttention` (``qkv``, ``proj``), so
-    ``PCAAttention.from_attention(dense, rank=4)`` copies its weights. ``basis='calibrated'`` adds the buffer
-    ``pca_basis`` ([H, d_k, r]), set by :meth:`fit_basis` or by loading a state dict.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        rank: int | None = None,
-        basis: str = "batch",
-        center: bool = False,
-        solver: str = DEFAULT_PCA_SOLVER,
-        niter: int = 2,
-        oversample: int = 4,
-        layer_name: str = "attn",
-    ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
-        check_settings(rank, None, None, basis, center, solver, niter, oversample)
-        rank = fraction_rank(DEFAULT_RATIO, self.head_dim) if rank is None else rank
-        check_rank(rank, self.head_dim)
-        self.rank = int(rank)
-        self.basis_mode = basis
-        self.center = center
-        self.solver = solver
-        self.niter = niter
-        self.oversample = oversample
-        self.layer_name = layer_name
-        self._fitted = False
-        self.stats = PCAStats()
-        if basis == "calibrated":
-            self.register_buffer("pca_basis", torch.zeros(num_heads, self.head_dim, self.rank))
-
-    def init_kwargs(self) -> dict[str, Any]:
-        return {
-            **super().init_kwargs(),
-            "rank": self.rank,
-            "basis": self.basis_mode,
-            "center": self.center,
-            "solver": self.solver,
-            "niter": self.niter,
-            "oversample": self.oversample,
-            "layer_name": self.layer_name,
-        }
-
-    def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, heads={self.num_heads}, rank={self.rank}/{self.head_dim}, basis={self.basis_mode}, "
-            f"center={self.center}, solver={self.solver}"
-        )
-
-    # --- the calibrated basis ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def fit_basis(self, moments: torch.Tensor) -> torch.Tensor:
-        """Freeze ``pca_basis`` to the top-r eigenvectors of each head's q/k second moment ``moments``
-        ([H, d_k, d_k], centred by the caller when ``center``). Returns the eigenvalues ([H, d_k], descending)."""
-        if self.basis_mode != "calibrated":
-            raise RuntimeError(
-                f"PCA attention '{self.layer_name}' has basis='batch': it has no frozen basis to fit"
-            )
-        expected = (self.num_heads, self.head_dim, self.head_dim)
-        if tuple(moments.shape) != expected:
-            raise ValueError(f"moments of shape {tuple(moments.shape)} are invalid: expected {expected}")
-        evals, evecs = moment_spectrum(moments.detach().double())
-        self.pca_basis.copy_(evecs[..., : self.rank].to(self.pca_basis.dtype))
-        self._fitted = True
-        return evals
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.basis_mode == "calibrated" and prefix + "pca_basis" in state_dict:
-            self._fitted = True  # a checkpoint carries the fitted basis
-
-    # --- forward -------------------------------------------------------------------------------------------
-    def current_basis(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The basis this forward projects on: [H, d_k, r] (calibrated) or [B, H, d_k, r] (batch: one per image
-        and head, from the detached q and k, no gradient), in q's dtype."""
-        if self.basis_mode == "calibrated":
-            if not self._fitted:
-                raise RuntimeError(
-                    f"PCA attention '{self.layer_name}' has basis='calibrated' but no fitted basis: apply decomp=pca "
-                    "with calibration batches, call fit_basis(), or load a state dict that holds pca_basis"
-                )
-            return self.pca_basis.to(q.dtype)
-        sync = q.is_cuda
-        start = clock(sync)
-        with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
-            features = torch.cat([q.detach(), k.detach()], dim=-2)  # [B, H, 2T, d_k]: one image, one head
-            if not bool(torch.isfinite(features).all()):
-                raise FloatingPointError(
-                    f"PCA attention '{self.layer_name}' received non-finite q/k (NaN/inf): the model diverged "
-                    "before this layer; lower model.lr or check the data"
-                )
-            basis = principal_basis(
-                features, self.rank, self.center, self.solver, self.niter, self.oversample
-            )
-        self.stats.rr_seconds += clock(sync) - start
-        return basis.to(q.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = self.qkv_heads(x)
-        self.stats.forwards += 1
-        basis = self.current_basis(q, k)
-        out = F.scaled_dot_product_attention(
-            q @ basis,  # [B, H, T, r]
-            k @ basis,
-            v,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.head_dim**-0.5,  # the dense scale: r = d_k gives dense attention
-        )
-        out = out.transpose(1, 2).reshape(batch, tokens, dim)
-        return self.proj_drop(self.proj(out))
 
 
 def pca_modules(model: nn.Module) -> list[tuple[str, PCAAttention]]:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrk.checks import positive_int
 from lrk.errors import LrkConfigError
-from lrk.models._checks import positive_int
 
 AttentionT = TypeVar("AttentionT", bound="AttentionBase")
 

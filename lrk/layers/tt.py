@@ -16,22 +16,19 @@ Default targets: every Linear except the classifier head, and every 1x1 Conv2d (
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from lrk.decomp.base import DecompMethod, FactorizedLayer, _describe, register_method
-from lrk.decomp.checks import is_int
-from lrk.decomp.cp import _check_factors
-from lrk.decomp.rank_policy import RankProblem, Ranks
-from lrk.errors import LrkConfigError
+from lrk.layers.base import (
+    FactorizedLayer,
+    Ranks,
+)
 from lrk.linalg.tt import (
     balanced_factors,
-    tt_bond_spectra,
     tt_matrix,
     tt_matvec,
-    tt_max_ranks,
     tt_params,
     tt_to_matrix,
 )
@@ -121,69 +118,3 @@ class TTConv1x1(TTLinear):
             x = x[:, :, :: self.stride[0], :: self.stride[1]]
         y = super().forward(x.movedim(1, -1))
         return y.movedim(-1, 1)
-
-
-@register_method("tt")
-class TTMethod(DecompMethod):
-    """TT-matrix factorization of Linear layers and 1x1 convolutions."""
-
-    supported = "Linear and 1x1 Conv2d (groups=1, padding=0); k x k convolutions are not supported"
-    extra_keys: ClassVar[dict[str, Any]] = {"cores": 3, "out_factors": None, "in_factors": None}
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        cores = self.cfg["cores"]
-        if not (is_int(cores) and cores >= 2):
-            raise LrkConfigError(
-                f"decomp.cores={cores!r} is invalid: it must be an integer >= 2 (TT cores per layer)"
-            )
-        self.cores = cores
-
-    def support_error(self, name: str, module: nn.Module) -> str | None:
-        if isinstance(module, nn.Linear):
-            return None
-        if not isinstance(module, nn.Conv2d):
-            return f"{type(module).__name__} is not a Linear or Conv2d"
-        if module.kernel_size != (1, 1):
-            return f"a {module.kernel_size[0]}x{module.kernel_size[1]} kernel is not a matrix"
-        if module.groups != 1 or module.padding not in ((0, 0), "valid"):
-            return "only groups=1 and padding=0 are supported"
-        return None
-
-    def is_default_target(self, name: str, module: nn.Module, context: dict[str, Any]) -> bool:
-        return name not in context["heads"]
-
-    def shapes(self, name: str, module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        out_n, in_n = module.weight.shape[0], module.weight[0].numel()
-        out_shape = _check_factors(name, self.cfg["out_factors"], out_n, "out_factors")
-        in_shape = _check_factors(name, self.cfg["in_factors"], in_n, "in_factors")
-        if out_shape and in_shape and len(out_shape) != len(in_shape):
-            raise LrkConfigError(
-                f"decomp.out_factors={list(out_shape)} and decomp.in_factors={list(in_shape)} are invalid: "
-                "they must have the same length (one pair per TT core)"
-            )
-        d = len(out_shape or in_shape or ()) or self.cores
-        return out_shape or balanced_factors(out_n, d), in_shape or balanced_factors(in_n, d)
-
-    def problem(self, name: str, module: nn.Module) -> RankProblem:
-        out_shape, in_shape = self.shapes(name, module)
-        limits = tuple(tt_max_ranks(out_shape, in_shape))
-        bias_n = module.bias.numel() if module.bias is not None else 0
-        matrix = module.weight.detach().reshape(module.weight.shape[0], -1)
-        return RankProblem(
-            layer=name,
-            description=f"{_describe(module)} as TT {'x'.join(map(str, out_shape))} <- {'x'.join(map(str, in_shape))}",
-            limits=limits,
-            scalar_limit=max(limits),
-            from_scalar=lambda r: tuple(min(r, m) for m in limits),
-            params=lambda ranks: tt_params(out_shape, in_shape, list(ranks)) + bias_n,
-            dense_params=module.weight.numel() + bias_n,
-            spectra=lambda: tt_bond_spectra(matrix, out_shape, in_shape),
-            notes={"kind": "tt", "shapes": (out_shape, in_shape)},
-        )
-
-    def build(self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem) -> FactorizedLayer:
-        out_shape, in_shape = problem.notes["shapes"]
-        if isinstance(module, nn.Linear):
-            return TTLinear.from_weight(module.weight, module.bias, out_shape, in_shape, ranks)
-        return TTConv1x1.from_conv(module, ranks, out_shape, in_shape)

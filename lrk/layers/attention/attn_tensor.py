@@ -54,16 +54,15 @@ inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns them
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, ModuleStats, clock, output_errors, token_count
-from lrk.decomp.base import own_params, register_method
-from lrk.decomp.checks import is_fraction, is_int
+from lrk.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.dense import MultiHeadSelfAttention
+from lrk.layers.attention.stats import ModuleStats, clock
 from lrk.linalg.attention_tensor import (
     cp_apply,
     cp_energy,
@@ -79,8 +78,6 @@ from lrk.linalg.attention_tensor import (
     tucker_to_tensor,
 )
 from lrk.linalg.rank import fraction_rank
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
-from lrk.models.utils import attention_modules
 
 DECOMPOSITIONS = ("tucker", "cp")
 SCOPES = ("batch", "image")
@@ -378,141 +375,3 @@ class TensorAttention(MultiHeadSelfAttention):
         self.stats.forwards += 1
         self.stats.forward_seconds += clock(sync) - start
         return out
-
-
-# --- collecting the figures of a run ---------------------------------------------------------------------
-def attn_tensor_modules(model: nn.Module) -> list[tuple[str, TensorAttention]]:
-    """Every tensor attention module of ``model`` with its name."""
-    return attention_modules(model, TensorAttention)
-
-
-def attn_tensor_metrics(model: nn.Module) -> dict[str, float]:
-    """The figures of the tensor attention modules of ``model`` since apply (or the last reset):
-    ``time/rr_s`` (decomposition seconds inside forwards: the rank reduction), ``time/attn_tensor_attention_s``
-    (their whole forwards), ``decomp/decompositions``, and, once something was decomposed, ``decomp/rank_mean``
-    (token-mode rank) and ``decomp/energy`` (retained energy), means over all decompositions. {} without such
-    modules."""
-    stats = [m.stats for _, m in attn_tensor_modules(model)]
-    if not stats:
-        return {}
-    n = sum(s.decompositions for s in stats)
-    out = {
-        "time/rr_s": float(sum(s.decompose_seconds for s in stats)),
-        "time/attn_tensor_attention_s": float(sum(s.forward_seconds for s in stats)),
-        "decomp/decompositions": float(n),
-    }
-    if n:
-        out["decomp/rank_mean"] = sum(s.query_rank_sum + s.key_rank_sum for s in stats) / (2 * n)
-        out["decomp/energy"] = sum(s.energy_sum for s in stats) / n
-    return out
-
-
-# --- the method ---------------------------------------------------------------------------------------------
-@register_method("attn_tensor")
-class AttnTensorMethod(AttentionSwapMethod):
-    """``decomp=attn_tensor``: every attention module (or those matching ``targets``, minus ``skip``) becomes a
-    :class:`TensorAttention` with the same weights. Keys (conf/decomp/attn_tensor.yaml): ``decomposition``
-    (tucker | cp), ``scope`` (batch | image), exactly one of ``rank`` / ``ratio`` / ``energy`` (``default_ratio``
-    when all are null), ``head_rank``, ``hooi_iters``, ``cp_iters``, plus the common ``stage``,
-    ``calibration_batches`` ... The report measures every module against the dense one on the calibration batches.
-    """
-
-    extra_keys: ClassVar[dict[str, Any]] = {
-        "decomposition": "tucker",
-        "scope": "batch",
-        "head_rank": None,
-        "hooi_iters": 0,
-        "cp_iters": DEFAULT_CP_ITERS,
-    }
-    needs_calibration = True
-    needs_dense_attention = True
-    calibration_use = "the report measures each swapped module against dense attention on them"
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        c = self.cfg
-        rank, ratio, energy = c["rank"], c["ratio"], c["energy"]
-        if rank is None and ratio is None and energy is None:
-            ratio = DEFAULT_RATIO if c["default_ratio"] is None else c["default_ratio"]
-            if not is_fraction(ratio):
-                raise LrkConfigError(
-                    f"decomp.default_ratio={ratio!r} is invalid: it must lie in (0, 1] (R_t = ceil(ratio T))"
-                )
-        check_settings(
-            c["decomposition"],
-            c["scope"],
-            rank,
-            c["head_rank"],
-            ratio,
-            energy,
-            c["hooi_iters"],
-            c["cp_iters"],
-        )
-        self.settings: dict[str, Any] = {
-            "decomposition": c["decomposition"],
-            "scope": c["scope"],
-            "rank": rank,
-            "head_rank": c["head_rank"],
-            "ratio": ratio,
-            "energy": energy,
-            "hooi_iters": c["hooi_iters"],
-            "cp_iters": c["cp_iters"],
-        }
-
-    def prepare(
-        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
-    ) -> dict[str, Any]:
-        """Model checks before any change: rank <= T and head_rank <= H (``apply`` has checked that the targets
-        are dense multi-head attention and that there are calibration batches to measure the report on)."""
-        tokens = token_count(model)
-        for name, module in targets:
-            check_model(
-                self.settings["rank"], self.settings["head_rank"], tokens, module.num_heads, f" ('{name}')"
-            )
-        return {}
-
-    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
-        """:func:`attn_tensor_metrics`: the decompositions inside the fit's forwards (``time/rr_s``, ranks)."""
-        return attn_tensor_metrics(model)
-
-    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> TensorAttention:
-        return TensorAttention.from_attention(module, **self.settings, layer_name=name)
-
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
-        """One row per swapped module, measured on the calibration batches run through the swapped model: each
-        module's output against the dense module's output on the same input (``rel_error``), and the ranks,
-        retained energy and decomposition seconds of those forwards. The statistics then restart from zero."""
-        for _, _, new in built:
-            assert isinstance(new, TensorAttention)
-            new.stats.reset()
-        errors = output_errors(model, {name: old for name, old, _ in built}, batches)
-        tokens = token_count(model) or 0
-        rows = []
-        for name, old, new in built:
-            assert isinstance(new, TensorAttention)
-            st = new.stats
-            ranks = st.ranks_mean()
-            rows.append(
-                {
-                    "name": name,
-                    "kind": f"attn_tensor_{new.decomposition}_{new.scope}",
-                    "shape": [new.num_heads, tokens, tokens],
-                    "rank": float(st.rank_mean()),
-                    "ranks": [round(r) for r in ranks]
-                    if new.decomposition == "tucker"
-                    else [round(ranks[1])],
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
-                    "rel_error": errors[name],
-                    "energy": float(st.energy_mean()),
-                    "seconds": float(st.decompose_seconds),
-                }
-            )
-            st.reset()
-        return rows

@@ -64,36 +64,31 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lrk.decomp.attention_swap import (
-    AttentionSwapMethod,
-    ModuleStats,
-    clock,
-    collect_attention_inputs,
-    run_batches,
-    token_count,
-)
-from lrk.decomp.base import own_params, register_method
-from lrk.decomp.checks import is_fraction, is_int, is_number
+from lrk.checks import is_fraction, is_int, is_number
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.blockwise import (
+    DEFAULT_BLOCK_BUDGET_MB,
+    AdaptiveBlockSize,
+    blockwise_attention,
+)
+from lrk.layers.attention.dense import MultiHeadSelfAttention, split_heads
+from lrk.layers.attention.stats import ModuleStats, clock
 from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
 from lrk.linalg.adamatrix import adamatrix as adamatrix_svd
 from lrk.linalg.rank import energy_rank, tsvd_compression_ratio
-from lrk.linalg.tsvd import SOLVERS, TruncatedSVD, gram_svd, small_lapack_threads, truncated_svd
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention, split_heads
-from lrk.models.utils import attention_modules
+from lrk.linalg.svd_solvers import SOLVERS, truncated_svd
+from lrk.linalg.tsvd import TruncatedSVD, gram_svd, small_lapack_threads
 
 log = logging.getLogger(__name__)
 
 SUBSPACES = ("batch", "calibrated")
 CORES = ("auto", "qkv", "factored")
 DEFAULT_SOLVER = "gram"  # benchmarks/tsvd.py: exact, and the fastest exact solver on ViT token matrices
-DEFAULT_BLOCK_BUDGET_MB = 32.0
 
 
 # --- checks -----------------------------------------------------------------------------------------------
@@ -160,115 +155,6 @@ def check_tokens(
                 f"decomp.rank={rank} is invalid for this model: the t-SVD of Y = reshape(X, (b t, d)) has at "
                 f"most min(b t, d) = {limit} components ({where}); use a rank in [1, {limit}]"
             )
-
-
-# --- block-wise attention (section 4) -----------------------------------------------------------------------
-def blockwise_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_size: int | None = None,
-    key_blocks: bool = False,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_k)) v over the last two axes ([..., T, d_h]), in blocks (Eqs. 16-18, Algorithm 4).
-
-    Queries are taken ``block_size`` tokens at a time (each block attends to all keys: exact). ``key_blocks``
-    also splits keys/values into blocks of ``block_size`` and merges them with the online softmax (running
-    maximum and normaliser), which makes Algorithm 4's sum over key blocks exact. ``dropout_p`` drops
-    attention weights (training only; pass 0 in eval). ``scale`` replaces 1 / sqrt(d_k) (q's last dimension).
-    """
-    tokens = q.shape[-2]
-    if block_size is None or (block_size >= tokens and not key_blocks):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    if not key_blocks:
-        return torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    q[..., s : s + block_size, :], k, v, dropout_p=dropout_p, scale=scale
-                )
-                for s in range(0, tokens, block_size)
-            ],
-            dim=-2,
-        )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    keys = k.shape[-2]
-    outs = []
-    for s in range(0, tokens, block_size):
-        qb = q[..., s : s + block_size, :] * scale
-        run_max = qb.new_full((*qb.shape[:-1], 1), -math.inf)
-        norm = qb.new_zeros((*qb.shape[:-1], 1))
-        acc = qb.new_zeros((*qb.shape[:-1], v.shape[-1]))
-        for t in range(0, keys, block_size):
-            scores = qb @ k[..., t : t + block_size, :].transpose(-2, -1)  # Eq. 16's Q_b K_b^T / sqrt(d_k)
-            new_max = torch.maximum(run_max, scores.amax(dim=-1, keepdim=True))
-            weights = torch.exp(scores - new_max)
-            rescale = torch.exp(run_max - new_max)  # earlier blocks were normalised against a smaller maximum
-            norm = norm * rescale + weights.sum(dim=-1, keepdim=True)
-            if dropout_p > 0:
-                weights = F.dropout(weights, dropout_p)
-            acc = acc * rescale + weights @ v[..., t : t + block_size, :]  # Eq. 17, summed over key blocks
-            run_max = new_max
-        outs.append(acc / norm)
-    return torch.cat(outs, dim=-2)  # Eq. 18: the query blocks side by side
-
-
-class AdaptiveBlockSize:
-    """The adaptive block size of section 4 (lrk's reading; see the module docstring).
-
-    ``choose(batch, heads, tokens, key_tokens, element_bytes)`` returns the block for the next forward;
-    ``update(block, seconds, query_tokens)`` feeds back the measured time of the attention core. Candidates are
-    b = ceil(T / 2^k). The search starts at the largest candidate whose score block (batch x heads x b x keys
-    elements) fits ``budget_mb``, halves while the time per token stays within ``1 + tolerance`` of the larger
-    block's, then settles on the faster of the last two. The first ``warmup`` measurements are ignored.
-    """
-
-    def __init__(
-        self, budget_mb: float = DEFAULT_BLOCK_BUDGET_MB, tolerance: float = 0.1, warmup: int = 1
-    ) -> None:
-        self.budget_bytes = budget_mb * 2**20
-        self.tolerance = tolerance
-        self.warmup = warmup
-        self.block: int | None = None
-        self.settled = False
-        self.times: dict[int, float] = {}  # block -> seconds per query token (last measurement)
-        self._previous: int | None = None  # the larger block measured before the current one
-        self._seen = 0
-
-    def cap(self, batch: int, heads: int, tokens: int, key_tokens: int, element_bytes: int) -> int:
-        """Largest block whose score block fits the memory budget (at least 1, at most T)."""
-        per_row = max(1, batch * heads * key_tokens * element_bytes)
-        return max(1, min(tokens, int(self.budget_bytes // per_row)))
-
-    def choose(self, batch: int, heads: int, tokens: int, key_tokens: int, element_bytes: int) -> int:
-        """Block size for the next forward (memory first: a block over the budget is halved at once)."""
-        cap = self.cap(batch, heads, tokens, key_tokens, element_bytes)
-        if self.block is None:
-            self.block = cap
-        while self.block > cap:  # resource usage high -> reduce
-            self.block = math.ceil(self.block / 2)
-        return min(self.block, tokens)
-
-    def update(self, block: int, seconds: float, query_tokens: int) -> None:
-        """Feed back the attention-core time of a forward that used ``block``."""
-        self._seen += 1
-        if self._seen <= self.warmup or self.settled or query_tokens <= 0:
-            return
-        per_token = seconds / query_tokens
-        self.times[block] = per_token
-        prev = self._previous
-        if prev is not None and prev in self.times and per_token > (1 + self.tolerance) * self.times[prev]:
-            self.block, self.settled = prev, True  # speed decreased -> back to the larger block, stay
-            return
-        if block <= 1:
-            self.settled = True
-            return
-        self._previous = block
-        self.block = math.ceil(block / 2)  # not slower: try a smaller block (less memory)
-
-    def state(self) -> dict[str, Any]:
-        return {"block": self.block, "settled": self.settled, "times": dict(self.times)}
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -564,241 +450,3 @@ class SDRMAttention(MultiHeadSelfAttention):
         self.stats.last_block = block or tokens
         self.stats.forward_seconds += clock(sync) - start
         return out
-
-
-# --- collecting the figures of a run ---------------------------------------------------------------------
-def sdrm_modules(model: nn.Module) -> list[tuple[str, SDRMAttention]]:
-    """Every SDRM attention module of ``model`` with its name."""
-    return attention_modules(model, SDRMAttention)
-
-
-def reset_sdrm_stats(model: nn.Module) -> None:
-    """Zero the statistics of every SDRM module (e.g. before a fit, so that the figures cover the fit only)."""
-    for _, module in sdrm_modules(model):
-        module.stats.reset()
-
-
-def sdrm_metrics(model: nn.Module) -> dict[str, float]:
-    """SDRM's figures summed/averaged over the SDRM modules of ``model`` since apply (or the last reset).
-
-    ``time/rr_s``: factorization seconds inside forwards + calibration seconds in apply (SDRM's RR phase);
-    ``time/rr_forward_s``: the part inside forwards (inside PhaseTimer's ``time/mha_s``: the paper's MHA phase is
-    ``time/mha_s - time/rr_forward_s`` over the same forwards);
-    ``time/sdrm_attention_s``: wall time of the SDRM forwards (the t-SVD included); ``decomp/rank_mean``,
-    ``decomp/energy``, ``decomp/rel_error_mean``, ``decomp/cr`` (Theorem 1): means over all factorizations
-    (one per chunk per forward and layer); ``decomp/adamatrix_iterations_mean`` and
-    ``decomp/adamatrix_rel_error`` (the last factorization's relative error, averaged over layers) with
-    solver=adamatrix; ``decomp/fallbacks`` (AdaMatrix diverged -> gram), ``decomp/rank_clamped``,
-    ``decomp/factorizations``, ``decomp/block_size`` (mean last block size). {} without SDRM modules; the
-    averages are left out while nothing has been factorized (no NaN).
-    """
-    modules = [m for _, m in sdrm_modules(model)]
-    if not modules:
-        return {}
-    stats = [m.stats for m in modules]
-    n = sum(s.factorizations for s in stats)
-    out: dict[str, float] = {
-        "time/rr_s": float(sum(s.rr_seconds + s.fit_seconds for s in stats)),
-        "time/rr_forward_s": float(sum(s.rr_seconds for s in stats)),
-        "time/sdrm_attention_s": float(sum(s.forward_seconds for s in stats)),
-        "decomp/factorizations": float(n),
-        "decomp/fallbacks": float(sum(s.fallbacks for s in stats)),
-        "decomp/rank_clamped": float(sum(s.clamped for s in stats)),
-    }
-    if n:
-        out["decomp/rank_mean"] = sum(s.rank_sum for s in stats) / n
-        out["decomp/energy"] = sum(s.energy_sum for s in stats) / n
-        out["decomp/rel_error_mean"] = sum(s.rel_error_sum for s in stats) / n
-        out["decomp/cr"] = sum(s.cr_sum for s in stats) / n
-    ada = [
-        m.stats
-        for m in modules
-        if m.solver == "adamatrix" and m.subspace == "batch" and m.stats.factorizations
-    ]
-    if ada:
-        out["decomp/adamatrix_iterations_mean"] = sum(s.iterations_sum for s in ada) / sum(
-            s.factorizations for s in ada
-        )
-        out["decomp/adamatrix_rel_error"] = sum(float(s.last_rel_error or 0.0) for s in ada) / len(ada)
-    blocks = [s.last_block for s in stats if s.forwards]
-    if blocks:
-        out["decomp/block_size"] = float(sum(blocks) / len(blocks))
-    return out
-
-
-# --- the method ---------------------------------------------------------------------------------------------
-@register_method("sdrm")
-class SDRMMethod(AttentionSwapMethod):
-    """``decomp=sdrm``: every attention module (or those matching ``targets``, minus ``skip``) becomes an
-    :class:`SDRMAttention` with the same weights. Keys (conf/decomp/sdrm.yaml): ``energy`` (phi) or ``rank``
-    (``default_energy`` applies when both are null), ``solver``, ``svd_batch_size``, ``block_size``,
-    ``block_keys``, ``block_budget_mb``, ``subspace``, ``head_loop``, ``adamatrix`` (options of
-    :class:`~lrk.linalg.adamatrix.AdaMatrixSolver`), plus the common ``stage``, ``calibration_batches`` ...
-    """
-
-    supported = "the attention modules (lrk.models.AttentionBase) of a ViT/DeiT backbone"
-    extra_keys: ClassVar[dict[str, Any]] = {
-        "default_energy": PAPER_ENERGY,
-        "solver": DEFAULT_SOLVER,
-        "svd_batch_size": 16,
-        "block_size": None,
-        "block_keys": False,
-        "block_budget_mb": DEFAULT_BLOCK_BUDGET_MB,
-        "subspace": "batch",
-        "head_loop": False,
-        "core": "auto",
-        "adamatrix": {},
-    }
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        c = self.cfg
-        if c["ratio"] is not None:
-            raise LrkConfigError(
-                f"decomp.ratio={c['ratio']} is invalid for decomp=sdrm: SDRM reduces the rank of activations, "
-                "not weights; set decomp.energy (phi) or decomp.rank"
-            )
-        energy, rank = c["energy"], c["rank"]
-        if energy is None and rank is None:
-            energy = c["default_energy"]
-        check_settings(
-            energy,
-            rank,
-            c["solver"],
-            c["svd_batch_size"],
-            c["block_size"],
-            c["subspace"],
-            c["block_budget_mb"],
-            c["core"],
-        )
-        for key in ("block_keys", "head_loop"):
-            if not isinstance(c[key], bool):
-                raise LrkConfigError(f"decomp.{key}={c[key]!r} is invalid: it must be true or false")
-        options = c["adamatrix"] or {}
-        if not isinstance(options, dict):
-            raise LrkConfigError(
-                f"decomp.adamatrix={options!r} is invalid: it must be a mapping of AdaMatrix options"
-            )
-        options = {k: v for k, v in options.items() if v is not None}  # null = the variant's default
-        if "lambdas" in options:
-            options["lambdas"] = tuple(options["lambdas"])
-        if "betas" in options:
-            options["betas"] = tuple(options["betas"])
-        try:
-            AdaMatrixSolver(rank=rank, energy=None if rank is not None else energy, **options)
-        except (TypeError, ValueError) as exc:
-            raise LrkConfigError(f"decomp.adamatrix={options} is invalid: {exc}") from exc
-        if c["subspace"] == "calibrated" and c["calibration_batches"] == 0:
-            raise LrkConfigError(
-                "decomp.calibration_batches=0 is invalid for decomp.subspace=calibrated: the basis is fitted on "
-                "calibration batches; use >= 1"
-            )
-        self.settings: dict[str, Any] = {
-            "energy": None if rank is not None else float(energy),
-            "rank": rank,
-            "solver": c["solver"],
-            "svd_batch_size": c["svd_batch_size"],
-            "block_size": c["block_size"],
-            "block_keys": c["block_keys"],
-            "block_budget_mb": float(c["block_budget_mb"]),
-            "subspace": c["subspace"],
-            "head_loop": c["head_loop"],
-            "core": c["core"],
-            "adamatrix": options,
-        }
-
-    def prepare(
-        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
-    ) -> dict[str, Any]:
-        """Token-count checks; for ``subspace=calibrated`` the Gram matrices of every target's calibration inputs."""
-        s = self.settings
-        tokens = token_count(model)
-        for _, module in targets:  # without a known T, rank <= d is checked when the modules are built
-            if tokens is not None:
-                check_tokens(s["block_size"], s["rank"], s["svd_batch_size"], tokens, module.dim)
-        context: dict[str, Any] = {"grams": {}, "tokens": {}, "seconds": {}}
-        if s["subspace"] != "calibrated":
-            return context
-        if not batches:
-            raise LrkConfigError(
-                "decomp.subspace=calibrated needs calibration batches (decomp.calibration_batches >= 1), got none"
-            )
-        if self.stage == "init":
-            log.warning(
-                "decomp=sdrm subspace=calibrated with stage=init: the basis is fitted to the untrained model's "
-                "attention inputs and stays frozen while the weights train; stage=post fits it to a trained model"
-            )
-        grams, counts, seconds = context["grams"], context["tokens"], context["seconds"]
-
-        def accumulate(name: str, x: torch.Tensor) -> None:
-            start = time.perf_counter()
-            Y = x.reshape(-1, x.shape[-1]).double()
-            if name in grams:
-                grams[name] += Y.T @ Y
-            else:
-                grams[name] = Y.T @ Y
-            counts[name] = counts.get(name, 0) + Y.shape[0]
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-
-        collect_attention_inputs(model, [n for n, _ in targets], batches, accumulate)
-        return context
-
-    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> SDRMAttention:
-        new = SDRMAttention.from_attention(module, **self.settings, layer_name=name)
-        if name in context["grams"]:
-            new.fit_basis(context["grams"][name], context["tokens"][name])
-            new.stats.fit_seconds += context["seconds"][name]
-        return new
-
-    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
-        """:func:`sdrm_metrics`: the t-SVDs inside the fit's forwards (``time/rr_s``, ranks, energy, CR)."""
-        return sdrm_metrics(model)
-
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
-        """One row per swapped module: what the rank rule did on the calibration batches (their t-SVDs with the
-        configured solver and chunks, or the calibrated basis). The run statistics then start from zero; the
-        calibration time stays in ``stats.fit_seconds`` (part of ``time/rr_s``)."""
-        calibrated = self.settings["subspace"] == "calibrated"
-        if batches and not calibrated:
-            run_batches(model, batches)  # run them through the SDRM modules
-        rows = []
-        tokens = token_count(model)
-        for name, old, new in built:
-            assert isinstance(new, SDRMAttention)
-            st = new.stats
-            n = st.factorizations
-            kind = f"sdrm_{self.settings['subspace']}"
-            if calibrated:  # the frozen basis, fitted on all calibration tokens
-                rank, energy = float(new.basis_rank), float(new.basis_energy)
-                rel = math.sqrt(max(1.0 - energy, 0.0))
-            elif n:  # the rank rule on the calibration batches' t-SVDs
-                rank, energy, rel = st.rank_sum / n, st.energy_sum / n, st.rel_error_sum / n
-            else:  # no calibration batch: the bounds the configuration promises (rank <= r or d, energy >= phi)
-                kind += "_bounds"
-                rank = float(new.rank if new.rank is not None else new.dim)
-                energy = float(new.energy) if new.energy is not None else 0.0
-                rel = math.sqrt(max(1.0 - energy, 0.0))
-            rows.append(
-                {
-                    "name": name,
-                    "kind": kind,
-                    "shape": [tokens or 0, new.dim],
-                    "rank": float(rank),
-                    "ranks": [round(rank)],
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
-                    "rel_error": float(rel),
-                    "energy": float(energy),
-                    "seconds": float(st.rr_seconds + st.fit_seconds),
-                }
-            )
-            fit = st.fit_seconds + st.rr_seconds
-            st.reset()
-            st.fit_seconds = fit
-        return rows

@@ -47,28 +47,17 @@ apply). :func:`attn_svd_metrics` sums them over a model (``time/rr_s``, ``time/r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from torch import nn
 
-from lrk.decomp.attention_swap import (
-    AttentionSwapMethod,
-    ModuleStats,
-    clock,
-    relative_error,
-    run_batches,
-    token_count,
-)
-from lrk.decomp.base import own_params, register_method
-from lrk.decomp.checks import is_fraction, is_int
+from lrk.checks import is_fraction, is_int
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.dense import MultiHeadSelfAttention
+from lrk.layers.attention.stats import ModuleStats, clock, relative_error
 from lrk.linalg.batched_svd import batched_truncation
 from lrk.linalg.rank import fraction_rank
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
-from lrk.models.utils import attention_modules
 
 DEFAULT_RATIO = 0.5
 
@@ -227,132 +216,3 @@ class SVDOutputAttention(MultiHeadSelfAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.truncate(super().forward(x))
-
-
-# --- collecting the figures of a run ---------------------------------------------------------------------
-def attn_svd_modules(model: nn.Module) -> list[tuple[str, SVDOutputAttention]]:
-    """Every :class:`SVDOutputAttention` of ``model`` with its name."""
-    return attention_modules(model, SVDOutputAttention)
-
-
-def reset_attn_svd_stats(model: nn.Module) -> None:
-    """Zero the statistics of every attn_svd module (e.g. before a fit)."""
-    for _, module in attn_svd_modules(model):
-        module.stats.reset()
-
-
-def attn_svd_metrics(model: nn.Module) -> dict[str, float]:
-    """The attn_svd figures of ``model`` since apply (or the last reset); {} without attn_svd modules.
-
-    ``time/rr_s``: truncation seconds inside forwards + those of the calibration forwards in apply;
-    ``time/rr_forward_s``: the part inside forwards (inside PhaseTimer's ``time/mha_s``);
-    ``decomp/truncations``: images truncated (one per image, forward and layer); ``decomp/rank_mean`` and
-    ``decomp/energy``: means over those truncations; ``decomp/rel_error_mean``: mean over layers of the measured
-    ||O - O_r||_F / ||O||_F. The averages are left out while nothing has been truncated (no NaN).
-    """
-    stats = [m.stats for _, m in attn_svd_modules(model)]
-    if not stats:
-        return {}
-    images = sum(s.images for s in stats)
-    out: dict[str, float] = {
-        "time/rr_s": float(sum(s.rr_seconds + s.fit_seconds for s in stats)),
-        "time/rr_forward_s": float(sum(s.rr_seconds for s in stats)),
-        "decomp/truncations": float(images),
-    }
-    if images:
-        used = [s for s in stats if s.images]
-        out["decomp/rank_mean"] = sum(s.rank_sum for s in stats) / images
-        out["decomp/energy"] = sum(s.energy_sum for s in stats) / images
-        out["decomp/rel_error_mean"] = sum(s.rel_error for s in used) / len(used)
-    return out
-
-
-# --- the method ---------------------------------------------------------------------------------------------
-@register_method("attn_svd")
-class AttnSVDMethod(AttentionSwapMethod):
-    """``decomp=attn_svd``: every attention module (or those matching ``targets``, minus ``skip``) becomes an
-    :class:`SVDOutputAttention` with the same weights. Keys (conf/decomp/attn_svd.yaml): exactly one of ``rank``,
-    ``ratio`` (of min(T, D)) or ``energy``, ``default_ratio`` when none is set, plus the common ``stage``,
-    ``calibration_batches``, ``targets``, ``skip`` ... (``rank_multiple`` / ``min_rank``: only 1).
-    """
-
-    needs_policy = True  # RankPolicy.from_config validates rank / ratio / energy / default_ratio
-    needs_dense_attention = True
-    extra_keys: ClassVar[dict[str, Any]] = {"default_ratio": DEFAULT_RATIO}
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        assert self.policy is not None
-        self.settings: dict[str, Any] = {"rank": None, "ratio": None, "energy": None}
-        self.settings[self.policy.kind] = (
-            self.policy.rank if self.policy.kind == "rank" else self.policy.value
-        )
-        check_rule(**self.settings)
-
-    def prepare(
-        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
-    ) -> dict[str, Any]:
-        """Before any change: a fixed ``rank`` fits min(T, D) (T from the model's patch embedding; D when T is
-        unknown). That every target is a standard multi-head attention is checked by ``apply``."""
-        tokens = token_count(model)
-        for name, module in targets:
-            rank = self.settings["rank"]
-            if rank is not None and rank > min(tokens or module.dim, module.dim):
-                raise rank_limit_error(rank, tokens or module.dim, module.dim, f"this model ('{name}')")
-        return {}
-
-    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
-        """:func:`attn_svd_metrics`: the truncations inside the fit's forwards (``time/rr_s``, ranks, energy)."""
-        return attn_svd_metrics(model)
-
-    def build_attention(
-        self, name: str, module: AttentionBase, context: dict[str, Any]
-    ) -> SVDOutputAttention:
-        return SVDOutputAttention.from_attention(module, **self.settings, layer_name=name)
-
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
-        """One row per swapped module, measured on the calibration batches run through the swapped model:
-        mean rank and retained energy per image, rel_error = ||O - O_r||_F / ||O||_F of the module's own output
-        (O its untruncated output on its inputs there), truncation seconds. The statistics then start from zero;
-        the calibration seconds stay in ``stats.fit_seconds`` (part of ``time/rr_s``)."""
-        if batches:
-            run_batches(model, batches)  # runs them through the new modules
-        tokens = token_count(model) or 0
-        rows = []
-        for name, old, new in built:
-            assert isinstance(new, SVDOutputAttention)
-            st = new.stats
-            kind = self.name
-            if st.images:
-                rank, energy, rel = st.rank_mean, st.energy_mean, st.rel_error
-            else:  # no calibration batch: what the configuration promises (rank r or <= min(T, D), energy >= phi)
-                kind += "_bounds"
-                limit = min(tokens, new.dim) if tokens else new.dim
-                fixed = new.fixed_rank(tokens) if tokens else new.rank
-                rank = float(fixed if fixed is not None else limit)
-                energy = new.energy if new.energy is not None else 0.0
-                rel = math.sqrt(max(1.0 - energy, 0.0))
-            rows.append(
-                {
-                    "name": name,
-                    "kind": kind,
-                    "shape": [tokens, new.dim],
-                    "rank": float(rank),
-                    "ranks": [round(rank)],
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
-                    "rel_error": float(rel),
-                    "energy": float(energy),
-                    "seconds": float(st.rr_seconds),
-                }
-            )
-            fit = st.fit_seconds + st.rr_seconds
-            st.reset()
-            st.fit_seconds = fit
-        return rows

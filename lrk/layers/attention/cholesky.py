@@ -41,19 +41,16 @@ of the calibration batches (as the swapped model computes them); ``qk_rel_error`
 from __future__ import annotations
 
 import math
-import time
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.decomp.attention_swap import AttentionSwapMethod, output_errors
-from lrk.decomp.base import own_params, register_method
-from lrk.decomp.checks import is_number
+from lrk.checks import is_number
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.dense import AttentionBase
 from lrk.linalg.psd import nearest_spd_factor, pack_tril, tril_size, unpack_tril
-from lrk.models.attention import AttentionBase
 
 INITS = ("auto", "dense", "identity")
 DEFAULT_EPS = 1e-6
@@ -250,87 +247,3 @@ def check_eps(eps: Any) -> None:
             f"decomp.eps={eps!r} is invalid: it must be a number in (0, 1) (the shift that makes W_QK positive "
             "definite, relative to its largest |eigenvalue|; default 1e-6)"
         )
-
-
-# --- the method ---------------------------------------------------------------------------------------------
-@register_method("cholesky")
-class CholeskyMethod(AttentionSwapMethod):
-    """``decomp=cholesky``: every attention module (or those matching ``targets``, minus ``skip``) becomes a
-    :class:`CholeskyAttention`. Keys (conf/decomp/cholesky.yaml): ``init`` (auto|dense|identity; auto = dense
-    with ``stage=post``, identity with ``stage=init``), ``eps``, plus the common ``stage``, ``finetune_epochs``,
-    ``ckpt_path``, ``calibration_batches``, ``targets``, ``skip``. There is no rank: L_h is full d_k x d_k, so
-    ``rank``, ``ratio``, ``energy`` (and ``default_ratio``) must stay null.
-    """
-
-    supported = "the attention modules (lrk.models.MultiHeadSelfAttention) of a ViT/DeiT backbone"
-    extra_keys: ClassVar[dict[str, Any]] = {"init": "auto", "eps": DEFAULT_EPS}
-    no_rank_rounding_reason = "there is no rank to round (L_h is full d_k x d_k)"
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        c = self.cfg
-        for key in ("rank", "ratio", "energy", "default_ratio"):
-            if c[key] is not None:
-                raise LrkConfigError(
-                    f"decomp.{key}={c[key]!r} is invalid for decomp=cholesky: the Cholesky factor L_h is full "
-                    "d_k x d_k (d_k(d_k+1)/2 parameters per head), there is no rank to choose; leave decomp.rank, "
-                    "decomp.ratio and decomp.energy null"
-                )
-        check_init(c["init"])
-        check_eps(c["eps"])
-        self.init: str = (
-            c["init"] if c["init"] != "auto" else ("dense" if self.stage == "post" else "identity")
-        )
-        self.eps: float = float(c["eps"])
-
-    def prepare(
-        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
-    ) -> dict[str, Any]:
-        """Every target must be a dense attention with a ``qkv`` (checked before any change)."""
-        for name, module in targets:
-            try:
-                dense_qkv(module)
-            except LrkConfigError as exc:
-                raise LrkConfigError(f"attention module '{name}': {exc}") from None
-        return {"seconds": {}}
-
-    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> CholeskyAttention:
-        start = time.perf_counter()
-        new = CholeskyAttention.from_attention(module, init=self.init, eps=self.eps)
-        context["seconds"][name] = time.perf_counter() - start
-        return new
-
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
-        """One row per swapped module: output error on the calibration batches (``rel_error``; the weight error
-        ``qk_rel_error`` stands in, with kind ``cholesky_qk``, when there is no calibration batch)."""
-        errors = output_errors(model, {name: old for name, old, _ in built}, batches)
-        rows = []
-        for name, old, new in built:
-            assert isinstance(new, CholeskyAttention)
-            qk_err = float(qk_rel_errors(old, new).mean())
-            if batches:
-                rel, kind = errors[name], f"cholesky_{self.init}"
-            else:
-                rel, kind = qk_err, "cholesky_qk"
-            rows.append(
-                {
-                    "name": name,
-                    "kind": kind,
-                    "shape": [new.dim, new.dim],  # W_QK^h
-                    "rank": float(new.head_dim),
-                    "ranks": [new.head_dim] * new.num_heads,
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
-                    "rel_error": float(rel),
-                    "energy": max(0.0, 1.0 - rel * rel) if math.isfinite(rel) else 0.0,
-                    "seconds": float(context["seconds"].get(name, 0.0)),
-                    "qk_rel_error": qk_err,
-                }
-            )
-        return rows

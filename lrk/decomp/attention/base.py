@@ -24,20 +24,19 @@ inputs of a few calibration batches. The shared parts live here:
 from __future__ import annotations
 
 import fnmatch
-import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lrk.decomp.base import DecompMethod, own_params
-from lrk.decomp.checks import is_int
+from lrk.checks import is_int
+from lrk.decomp.base import DecompMethod
 from lrk.decomp.report import DecompReport
 from lrk.errors import LrkConfigError
-from lrk.models.attention import AttentionBase, MultiHeadSelfAttention
+from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention
+from lrk.layers.attention.stats import relative_error
+from lrk.layers.base import own_params
 from lrk.models.utils import attention_modules, replace_module
 
 VIT_BACKBONES = "backbone=vit_edge, vit_tiny, vit_small or deit_small (name: vit)"
@@ -52,24 +51,6 @@ def token_count(model: nn.Module) -> int | None:
         return None
     prefix = getattr(model, "num_prefix_tokens", 0)
     return patches + (prefix if isinstance(prefix, int) else 0)
-
-
-def clock(sync: bool) -> float:
-    """``time.perf_counter()``, after ``torch.cuda.synchronize()`` when ``sync`` (CUDA kernels run asynchronously:
-    without it a forward's time would miss the work still queued)."""
-    if sync:
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-@dataclass
-class ModuleStats:
-    """Base of the run statistics that a swapped attention module keeps in ``module.stats`` (not in the state
-    dict): a dataclass whose fields all have plain defaults, which :meth:`reset` restores."""
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, f.default)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -133,14 +114,6 @@ def collect_attention_inputs(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def relative_error(diff_sq: float, ref_sq: float) -> float:
-    """sqrt(diff_sq / ref_sq): a relative Frobenius error from its squared sums (0 when both are 0, inf when only
-    the reference is 0)."""
-    if ref_sq > 0:
-        return math.sqrt(diff_sq / ref_sq)
-    return 0.0 if diff_sq == 0 else math.inf
 
 
 def output_errors(

@@ -1,0 +1,215 @@
+"""``decomp=attn_tensor``: attention through a Tucker or CP decomposition of the attention tensor (issue #4).
+
+Seed: seeds/vit_nla_slides.txt, slide "Used methods. Tensor decomposition": "we use tensor decomposition to
+perform a low-rank approximation of the attention tensor". The slides' code reshaped the tensor to a matrix and took
+an SVD (a matrix method); lrk decomposes the tensor as a tensor and attends with the result.
+
+Per forward, the attention probabilities A[b, h] = softmax(q_h k_h^T / sqrt(d_k)) form the tensor
+A in R^{B x H x T x T} (image, head, query, key). It is approximated by
+
+- ``decomposition: tucker`` (default): A_hat = G x_h U_h x_q U_q x_k U_k with ranks (R_h, R_q, R_k) over the head,
+  query and key modes. TensorLy (``partial_tucker``: truncated HOSVD, then ``hooi_iters`` HOOI sweeps) computes
+  the orthonormal factors on the *detached* tensor; the core is then recomputed in torch as the projection
+  G = A x_h U_h^T x_q U_q^T x_k U_k^T (:func:`~lrk.linalg.attention_tensor.project_core`). The factors are
+  constants: the gradient flows through G into A and on to the q/k weights (and through V to the v weights).
+  Ranks: R_q = R_k = R_t from ``rank`` or ``ratio`` (R_t = ceil(ratio T)), R_h = ``head_rank`` (default H);
+  with ``energy`` (phi) each mode's rank is the smallest keeping phi of its unfolding's energy, chosen anew every
+  forward (the head mode too, unless ``head_rank`` is set).
+- ``decomposition: cp``: A_hat = sum_r u_h,r o u_q,r o u_k,r of rank R = ``rank`` (or ceil(ratio T)). TensorLy's
+  ``parafac`` (``cp_iters`` ALS sweeps from the SVD start) gives the head and key factors on the detached tensor;
+  the query factor is then re-solved from A by linear least squares (one closed-form ALS update,
+  :func:`~lrk.linalg.attention_tensor.cp_solve_factor`), which is differentiable: the gradient reaches A.
+
+Either way A_hat is the orthogonal projection of A onto a subspace fixed by the constant factors, so the retained
+energy ||A_hat||^2 / ||A||^2 = 1 - ||A - A_hat||^2 / ||A||^2 lies in [0, 1]. The output is A_hat V per head, then
+``proj`` (dropout of the attention weights, if any, acts on A before the decomposition). lrk evaluates A_hat V
+in factored form and never forms A_hat: Tucker out_h = U_q [(G x_h U_h)_h] (U_k^T V_h), CP
+out_h = U_q diag(U_h[h]) (U_k^T V_h) (:func:`~lrk.linalg.attention_tensor.tucker_apply`, ``cp_apply``; the tests
+check them against A_hat V formed explicitly). This saves nothing against dense attention: A itself is formed (the
+softmax needs it) and the core projection costs about H T^2 R more; the method studies what a low multilinear rank
+of the attention does to accuracy, as the slides did, not speed.
+
+``scope``:
+
+- ``batch`` (default): one TensorLy call per forward on the 4-way tensor [B, H, T, T]. Tucker is a partial Tucker
+  over modes 1, 2, 3 with the batch mode kept at full rank: the factors U_h, U_q, U_k are shared by the images of
+  the batch and every image has its own core. CP decomposes the tensor [H, B T, T] (the images' query modes side
+  by side): head and key factors shared, every image its own query factor rows. The images then share a
+  *subspace*, never attention: image i's output is A_hat_i V_i, with A_hat_i a projection of A_i alone onto the
+  shared factors, but the factors depend on every image of the batch (as the chunks of SDRM's svd_batch_size do).
+- ``image``: one decomposition per image (a Python loop over the batch): tokens of different images never mix in
+  any way; image i's output does not depend on the other images.
+
+Time (2 shared CPU cores, one thread, float32, best of 3-5 runs; A of [32, 4, 65, 65], Tucker ranks (4, 33, 33),
+HOSVD): scope ``batch`` 30 ms per forward (one partial Tucker), scope ``image`` 93 ms (32 Tucker calls); CP of
+rank 33 with 20 ALS sweeps: 0.34 s (batch) and 0.56-0.79 s (image); the dense product A V alone: 0.5 ms.
+
+Statistics: every module keeps a :class:`TensorAttentionStats` in ``module.stats`` (not in the state dict):
+``forwards``, ``decompositions`` (TensorLy calls: one per forward with scope=batch, one per image with
+scope=image), ``head_rank_sum`` / ``query_rank_sum`` / ``key_rank_sum`` (sums over decompositions; means by
+``rank_mean()``), ``energy_sum``, ``decompose_seconds`` (TensorLy + core projection / least squares + energy,
+inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns them into run metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from lrk.checks import is_fraction
+from lrk.decomp.attention.base import (
+    AttentionSwapMethod,
+    output_errors,
+    token_count,
+)
+from lrk.decomp.base import register_method
+from lrk.errors import LrkConfigError
+from lrk.layers.attention.attn_tensor import (
+    DEFAULT_CP_ITERS,
+    DEFAULT_RATIO,
+    TensorAttention,
+    check_model,
+    check_settings,
+)
+from lrk.layers.attention.dense import AttentionBase
+from lrk.layers.base import own_params
+from lrk.models.utils import attention_modules
+
+
+# --- collecting the figures of a run ---------------------------------------------------------------------
+def attn_tensor_modules(model: nn.Module) -> list[tuple[str, TensorAttention]]:
+    """Every tensor attention module of ``model`` with its name."""
+    return attention_modules(model, TensorAttention)
+
+
+def attn_tensor_metrics(model: nn.Module) -> dict[str, float]:
+    """The figures of the tensor attention modules of ``model`` since apply (or the last reset):
+    ``time/rr_s`` (decomposition seconds inside forwards: the rank reduction), ``time/attn_tensor_attention_s``
+    (their whole forwards), ``decomp/decompositions``, and, once something was decomposed, ``decomp/rank_mean``
+    (token-mode rank) and ``decomp/energy`` (retained energy), means over all decompositions. {} without such
+    modules."""
+    stats = [m.stats for _, m in attn_tensor_modules(model)]
+    if not stats:
+        return {}
+    n = sum(s.decompositions for s in stats)
+    out = {
+        "time/rr_s": float(sum(s.decompose_seconds for s in stats)),
+        "time/attn_tensor_attention_s": float(sum(s.forward_seconds for s in stats)),
+        "decomp/decompositions": float(n),
+    }
+    if n:
+        out["decomp/rank_mean"] = sum(s.query_rank_sum + s.key_rank_sum for s in stats) / (2 * n)
+        out["decomp/energy"] = sum(s.energy_sum for s in stats) / n
+    return out
+
+
+# --- the method ---------------------------------------------------------------------------------------------
+@register_method("attn_tensor")
+class AttnTensorMethod(AttentionSwapMethod):
+    """``decomp=attn_tensor``: every attention module (or those matching ``targets``, minus ``skip``) becomes a
+    :class:`TensorAttention` with the same weights. Keys (conf/decomp/attn_tensor.yaml): ``decomposition``
+    (tucker | cp), ``scope`` (batch | image), exactly one of ``rank`` / ``ratio`` / ``energy`` (``default_ratio``
+    when all are null), ``head_rank``, ``hooi_iters``, ``cp_iters``, plus the common ``stage``,
+    ``calibration_batches`` ... The report measures every module against the dense one on the calibration batches.
+    """
+
+    extra_keys: ClassVar[dict[str, Any]] = {
+        "decomposition": "tucker",
+        "scope": "batch",
+        "head_rank": None,
+        "hooi_iters": 0,
+        "cp_iters": DEFAULT_CP_ITERS,
+    }
+    needs_calibration = True
+    needs_dense_attention = True
+    calibration_use = "the report measures each swapped module against dense attention on them"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        c = self.cfg
+        rank, ratio, energy = c["rank"], c["ratio"], c["energy"]
+        if rank is None and ratio is None and energy is None:
+            ratio = DEFAULT_RATIO if c["default_ratio"] is None else c["default_ratio"]
+            if not is_fraction(ratio):
+                raise LrkConfigError(
+                    f"decomp.default_ratio={ratio!r} is invalid: it must lie in (0, 1] (R_t = ceil(ratio T))"
+                )
+        check_settings(
+            c["decomposition"],
+            c["scope"],
+            rank,
+            c["head_rank"],
+            ratio,
+            energy,
+            c["hooi_iters"],
+            c["cp_iters"],
+        )
+        self.settings: dict[str, Any] = {
+            "decomposition": c["decomposition"],
+            "scope": c["scope"],
+            "rank": rank,
+            "head_rank": c["head_rank"],
+            "ratio": ratio,
+            "energy": energy,
+            "hooi_iters": c["hooi_iters"],
+            "cp_iters": c["cp_iters"],
+        }
+
+    def prepare(
+        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
+    ) -> dict[str, Any]:
+        """Model checks before any change: rank <= T and head_rank <= H (``apply`` has checked that the targets
+        are dense multi-head attention and that there are calibration batches to measure the report on)."""
+        tokens = token_count(model)
+        for name, module in targets:
+            check_model(
+                self.settings["rank"], self.settings["head_rank"], tokens, module.num_heads, f" ('{name}')"
+            )
+        return {}
+
+    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
+        """:func:`attn_tensor_metrics`: the decompositions inside the fit's forwards (``time/rr_s``, ranks)."""
+        return attn_tensor_metrics(model)
+
+    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> TensorAttention:
+        return TensorAttention.from_attention(module, **self.settings, layer_name=name)
+
+    def finish(
+        self,
+        model: nn.Module,
+        built: list[tuple[str, AttentionBase, AttentionBase]],
+        batches: list[Any],
+        context: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """One row per swapped module, measured on the calibration batches run through the swapped model: each
+        module's output against the dense module's output on the same input (``rel_error``), and the ranks,
+        retained energy and decomposition seconds of those forwards. The statistics then restart from zero."""
+        for _, _, new in built:
+            assert isinstance(new, TensorAttention)
+            new.stats.reset()
+        errors = output_errors(model, {name: old for name, old, _ in built}, batches)
+        tokens = token_count(model) or 0
+        rows = []
+        for name, old, new in built:
+            assert isinstance(new, TensorAttention)
+            st = new.stats
+            ranks = st.ranks_mean()
+            rows.append(
+                {
+                    "name": name,
+                    "kind": f"attn_tensor_{new.decomposition}_{new.scope}",
+                    "shape": [new.num_heads, tokens, tokens],
+                    "rank": float(st.rank_mean()),
+                    "ranks": [round(r) for r in ranks]
+                    if new.decomposition == "tucker"
+                    else [round(ranks[1])],
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": errors[name],
+                    "energy": float(st.energy_mean()),
+                    "seconds": float(st.decompose_seconds),
+                }
+            )
+            st.reset()
+        return rows

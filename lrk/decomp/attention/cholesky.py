@@ -1,0 +1,148 @@
+"""``decomp=cholesky``: Cholesky-based symmetric query-key attention (seeds/vit_nla_slides.txt, slides "Used methods.
+Cholesky corrected, ok?" and "Cholesky-Based Symmetric Attention: d_k(d_k+1)/2 parameters instead of d_k^2").
+
+The slides score tokens with S = X W_QK X^T where W_QK is symmetric and factored as L L^T. lrk's reading, per head h
+(d_k = head_dim, H heads, D = dim):
+
+    q_h = X W_h + b_h                 (W: one shared query-key projection Linear(D, D), heads split like dense q)
+    z_h = q_h L_h                     (L_h: d_k x d_k lower-triangular, stored packed: d_k(d_k+1)/2 parameters)
+    S_h = z_h z_h^T / sqrt(d_k) = q_h L_h L_h^T q_h^T / sqrt(d_k)
+    out = proj(concat_h softmax(S_h) v_h)         (values and output projection as in dense attention)
+
+so W_QK^h = W_h L_h L_h^T W_h^T is symmetric positive semi-definite and S_h = S_h^T. The attention core is
+``F.scaled_dot_product_attention(z, z, v)``: queries and keys are the same tensor. Softmax runs over the keys of
+each image; tokens of different images never mix.
+
+Parameters of the query-key part: D^2 (+ D bias) for W plus H d_k(d_k+1)/2 for the packed L, instead of 2 D^2
+(+ 2 D) for dense W_Q, W_K. The dense key projection is not kept.
+
+Building from a dense :class:`~lrk.models.MultiHeadSelfAttention` (``init``):
+
+- ``dense`` (the default with ``stage=post``): per head the dense form A_h = W_Q^h W_K^h^T (D x D, rank d_k) is
+  replaced by its nearest rank-d_k positive-definite matrix W_h L_h L_h^T W_h^T
+  (:func:`lrk.linalg.psd.nearest_spd_factor`: symmetric part, top d_k eigenpairs, negatives clipped, a shift of
+  ``eps`` times the largest |eigenvalue|, Cholesky). This is exact when A_h is already symmetric positive
+  semi-definite; otherwise ``qk_rel_error`` in the report says what forcing symmetry cost.
+  Biases: the key bias b_K adds q_i . b_K to every score of query i, a constant per row that the softmax removes,
+  so dropping it is exact. The query bias b_Q adds x_j . c_h with c_h = W_K^h b_Q^h, a term that depends on the
+  key; in the symmetric form a shared bias b_h contributes x_j . (W_h M_h b_h) (M_h = L_h L_h^T) plus per-query
+  constants, so b_h = M_h^{-1} W_h^T c_h reproduces the projection of c_h on span(W_h) (exact when c_h lies in
+  it, as it does for a symmetric dense form). Directions whose kept eigenvalue is below ``BIAS_RCOND`` times the
+  largest get no bias: there b_h would grow as 1 / eigenvalue and its per-query constants would swamp the scores.
+- ``identity`` (the default with ``stage=init``, training from scratch): W_h = the dense query projection (weight
+  and bias), L_h = I; the dense key projection is dropped.
+
+The value projection and ``proj`` are copied from the dense module in both cases. The report's ``rel_error`` is
+the measured relative error of each swapped module's output against the dense module's on the attention inputs
+of the calibration batches (as the swapped model computes them); ``qk_rel_error`` is
+||W_QK^sym - W_QK^dense||_F / ||W_QK^dense||_F averaged over heads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+from torch import nn
+
+from lrk.decomp.attention.base import (
+    AttentionSwapMethod,
+    output_errors,
+)
+from lrk.decomp.base import register_method
+from lrk.errors import LrkConfigError
+from lrk.layers.attention.cholesky import (
+    DEFAULT_EPS,
+    CholeskyAttention,
+    check_eps,
+    check_init,
+    dense_qkv,
+    qk_rel_errors,
+)
+from lrk.layers.attention.dense import AttentionBase
+from lrk.layers.base import own_params
+
+
+# --- the method ---------------------------------------------------------------------------------------------
+@register_method("cholesky")
+class CholeskyMethod(AttentionSwapMethod):
+    """``decomp=cholesky``: every attention module (or those matching ``targets``, minus ``skip``) becomes a
+    :class:`CholeskyAttention`. Keys (conf/decomp/cholesky.yaml): ``init`` (auto|dense|identity; auto = dense
+    with ``stage=post``, identity with ``stage=init``), ``eps``, plus the common ``stage``, ``finetune_epochs``,
+    ``ckpt_path``, ``calibration_batches``, ``targets``, ``skip``. There is no rank: L_h is full d_k x d_k, so
+    ``rank``, ``ratio``, ``energy`` (and ``default_ratio``) must stay null.
+    """
+
+    supported = "the attention modules (lrk.models.MultiHeadSelfAttention) of a ViT/DeiT backbone"
+    extra_keys: ClassVar[dict[str, Any]] = {"init": "auto", "eps": DEFAULT_EPS}
+    no_rank_rounding_reason = "there is no rank to round (L_h is full d_k x d_k)"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        c = self.cfg
+        for key in ("rank", "ratio", "energy", "default_ratio"):
+            if c[key] is not None:
+                raise LrkConfigError(
+                    f"decomp.{key}={c[key]!r} is invalid for decomp=cholesky: the Cholesky factor L_h is full "
+                    "d_k x d_k (d_k(d_k+1)/2 parameters per head), there is no rank to choose; leave decomp.rank, "
+                    "decomp.ratio and decomp.energy null"
+                )
+        check_init(c["init"])
+        check_eps(c["eps"])
+        self.init: str = (
+            c["init"] if c["init"] != "auto" else ("dense" if self.stage == "post" else "identity")
+        )
+        self.eps: float = float(c["eps"])
+
+    def prepare(
+        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
+    ) -> dict[str, Any]:
+        """Every target must be a dense attention with a ``qkv`` (checked before any change)."""
+        for name, module in targets:
+            try:
+                dense_qkv(module)
+            except LrkConfigError as exc:
+                raise LrkConfigError(f"attention module '{name}': {exc}") from None
+        return {"seconds": {}}
+
+    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> CholeskyAttention:
+        start = time.perf_counter()
+        new = CholeskyAttention.from_attention(module, init=self.init, eps=self.eps)
+        context["seconds"][name] = time.perf_counter() - start
+        return new
+
+    def finish(
+        self,
+        model: nn.Module,
+        built: list[tuple[str, AttentionBase, AttentionBase]],
+        batches: list[Any],
+        context: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """One row per swapped module: output error on the calibration batches (``rel_error``; the weight error
+        ``qk_rel_error`` stands in, with kind ``cholesky_qk``, when there is no calibration batch)."""
+        errors = output_errors(model, {name: old for name, old, _ in built}, batches)
+        rows = []
+        for name, old, new in built:
+            assert isinstance(new, CholeskyAttention)
+            qk_err = float(qk_rel_errors(old, new).mean())
+            if batches:
+                rel, kind = errors[name], f"cholesky_{self.init}"
+            else:
+                rel, kind = qk_err, "cholesky_qk"
+            rows.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "shape": [new.dim, new.dim],  # W_QK^h
+                    "rank": float(new.head_dim),
+                    "ranks": [new.head_dim] * new.num_heads,
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": float(rel),
+                    "energy": max(0.0, 1.0 - rel * rel) if math.isfinite(rel) else 0.0,
+                    "seconds": float(context["seconds"].get(name, 0.0)),
+                    "qk_rel_error": qk_err,
+                }
+            )
+        return rows

@@ -1,0 +1,329 @@
+"""``decomp=sdrm``: SDRM attention (seeds/sdrm_paper.txt, sections 3-4): a truncated SVD of each batch's attention
+input, low-rank Q/K/V (Eq. 14), per-head split (Algorithm 2) and block-wise attention (Eqs. 16-18, Algorithm 4).
+
+For the input X in R^{B x T x D} of an attention module, SDRM factorizes Y = reshape(X, (b t, d)) (section 3.1,
+Algorithm 1 l.2; Theorem 1's proof) in chunks of ``svd_batch_size`` images (the paper's svd_batch_size: X is
+"chunked into X_i for parallel singular value decomposition"), keeps the smallest rank r with
+sum_{i<=r} s_i^2 >= phi sum_i s_i^2 (Eqs. 2-3) or a fixed ``rank``, and computes
+
+    (Q, K, V) = U_r S_r V_r^T (W^Q, W^K, W^V)                                   (Eq. 14)
+
+cheaply as (Y V_r)(V_r^T W): U_r S_r = Y V_r for an SVD, so only the thin product Y V_r ([bt, r]) and the small
+V_r^T W ([r, 3d]) are formed; cost 4 bt d r + 3 d^2 r instead of 3 bt d^2 for the dense projection. V_r is treated
+as a constant (detached): the gradient reaches the input through Y V_r and the weights through V_r^T W.
+
+``core`` (lrk's evaluation order, exactly the same numbers): Eq. 14 makes Q, K and V rank r, but the T x T
+products of the attention (Q_h K_h^T and its product with V_h) still cost T^2 d_h per head when Q, K, V are formed
+explicitly (``core=qkv``, the paper's Algorithm 4), so the rank reduction only shrinks the projection. With
+Z' = [Y V_r, 1] and P = [W V_r, b] per head, Q_h K_h^T = Z' (P_q,h^T P_k,h) Z'^T and softmax(.) V_h =
+(softmax(.) Z') P_v,h^T: the T x T products cost T^2 (r + 1) (``core=factored``). ``core=auto`` (default) takes
+the factored order when r + 1 < d_h, where it is cheaper.
+
+Heads are split from the projected Q, K, V (Algorithm 2; ``head_loop=True`` runs the heads one at a time as the
+algorithm is written, with each head's columns of W: the same numbers, slower). Attention runs per image:
+chunks share a *basis*, never attention.
+
+What a chunk of several images means (``svd_batch_size`` > 1): the basis V_r is fitted to the tokens of all the
+chunk's images, so image i's output depends on image j of the same chunk through the subspace it is projected
+on (the paper's design: one t-SVD per chunk). Attention itself never mixes images: image i's queries only see
+image i's keys. With ``svd_batch_size=1`` every image is factorized alone and its output depends on nothing else.
+
+Block-wise attention (section 4, Eqs. 16-18, Algorithm 4), lrk's reading:
+
+- ``block_size=b``: queries in blocks of b tokens, each block attending to all keys (Eqs. 16-17 per block, Eq. 18
+  concatenating the blocks): exactly the unblocked attention, with a score block of b x T instead of T x T.
+- ``block_keys=True`` also splits the keys/values into blocks of b, as Algorithm 4 l.7-11 does. Algorithm 4 as
+  printed takes a softmax per key block and sums the block outputs (l.13, Z_i = Z_i (+) Z_b), which is *not* the
+  attention (each block's softmax is normalised alone). lrk merges the key blocks with the running maximum and
+  normaliser of the log-sum-exp (the online softmax), which makes the sum exact; score blocks are b x b.
+- ``block_size=adaptive``: section 4's feedback rule ("initialize block size and monitor processing time, memory
+  usage ...; if a decrease in processing speed or resource usage is detected, the size of the data block is
+  automatically reduced ...; if resource usage is low, increase the block size"), see :class:`AdaptiveBlockSize`:
+  start at the largest block whose score block fits ``block_budget_mb`` (resource usage low -> large block),
+  halve it while the measured time per token does not get worse by more than 10 %, go back to the previous size
+  and stay there when it does (speed decrease -> back off), and halve at once whenever a larger batch would push
+  the score block over the budget (resource usage high -> smaller block). Every block size gives the same
+  numbers, so the rule changes speed and memory, never outputs.
+
+``subspace``: ``batch`` (the paper: a t-SVD of every batch, in training and inference) or ``calibrated`` (lrk's
+option: V_r fitted once in ``apply`` on the attention inputs of the calibration batches - their Gram matrices
+summed, then eigh, i.e. the exact SVD of all calibration tokens stacked - and frozen: no factorization at run
+time). The calibration runs the calibration batches once through the *dense* model (every layer's inputs come
+from dense layers before it). With ``stage: init`` the weights then train under a basis fitted to the untrained
+model's activations; ``stage: post`` fits it to the trained model (a warning says so).
+
+Phase timings: every forward adds the seconds of its factorizations to ``module.stats.rr_seconds`` (SDRM's RR
+phase; ``time/rr_s``) and its own wall time to ``stats.forward_seconds``. lrk's PhaseTimer times whole attention
+forwards as ``time/mha_s``, which therefore *includes* the t-SVD; the paper's MHA phase is ``time/mha_s`` minus
+``time/rr_forward_s`` over the same forwards. :func:`sdrm_metrics` collects the figures of every SDRM module of a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lrk.decomp.attention.base import (
+    AttentionSwapMethod,
+    collect_attention_inputs,
+    run_batches,
+    token_count,
+)
+from lrk.decomp.base import register_method
+from lrk.errors import LrkConfigError
+from lrk.layers.attention.dense import AttentionBase
+from lrk.layers.attention.sdrm import (
+    DEFAULT_BLOCK_BUDGET_MB,
+    DEFAULT_SOLVER,
+    SDRMAttention,
+    check_settings,
+    check_tokens,
+)
+from lrk.layers.base import own_params
+from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
+from lrk.models.utils import attention_modules
+
+log = logging.getLogger(__name__)
+
+
+# --- collecting the figures of a run ---------------------------------------------------------------------
+def sdrm_modules(model: nn.Module) -> list[tuple[str, SDRMAttention]]:
+    """Every SDRM attention module of ``model`` with its name."""
+    return attention_modules(model, SDRMAttention)
+
+
+def reset_sdrm_stats(model: nn.Module) -> None:
+    """Zero the statistics of every SDRM module (e.g. before a fit, so that the figures cover the fit only)."""
+    for _, module in sdrm_modules(model):
+        module.stats.reset()
+
+
+def sdrm_metrics(model: nn.Module) -> dict[str, float]:
+    """SDRM's figures summed/averaged over the SDRM modules of ``model`` since apply (or the last reset).
+
+    ``time/rr_s``: factorization seconds inside forwards + calibration seconds in apply (SDRM's RR phase);
+    ``time/rr_forward_s``: the part inside forwards (inside PhaseTimer's ``time/mha_s``: the paper's MHA phase is
+    ``time/mha_s - time/rr_forward_s`` over the same forwards);
+    ``time/sdrm_attention_s``: wall time of the SDRM forwards (the t-SVD included); ``decomp/rank_mean``,
+    ``decomp/energy``, ``decomp/rel_error_mean``, ``decomp/cr`` (Theorem 1): means over all factorizations
+    (one per chunk per forward and layer); ``decomp/adamatrix_iterations_mean`` and
+    ``decomp/adamatrix_rel_error`` (the last factorization's relative error, averaged over layers) with
+    solver=adamatrix; ``decomp/fallbacks`` (AdaMatrix diverged -> gram), ``decomp/rank_clamped``,
+    ``decomp/factorizations``, ``decomp/block_size`` (mean last block size). {} without SDRM modules; the
+    averages are left out while nothing has been factorized (no NaN).
+    """
+    modules = [m for _, m in sdrm_modules(model)]
+    if not modules:
+        return {}
+    stats = [m.stats for m in modules]
+    n = sum(s.factorizations for s in stats)
+    out: dict[str, float] = {
+        "time/rr_s": float(sum(s.rr_seconds + s.fit_seconds for s in stats)),
+        "time/rr_forward_s": float(sum(s.rr_seconds for s in stats)),
+        "time/sdrm_attention_s": float(sum(s.forward_seconds for s in stats)),
+        "decomp/factorizations": float(n),
+        "decomp/fallbacks": float(sum(s.fallbacks for s in stats)),
+        "decomp/rank_clamped": float(sum(s.clamped for s in stats)),
+    }
+    if n:
+        out["decomp/rank_mean"] = sum(s.rank_sum for s in stats) / n
+        out["decomp/energy"] = sum(s.energy_sum for s in stats) / n
+        out["decomp/rel_error_mean"] = sum(s.rel_error_sum for s in stats) / n
+        out["decomp/cr"] = sum(s.cr_sum for s in stats) / n
+    ada = [
+        m.stats
+        for m in modules
+        if m.solver == "adamatrix" and m.subspace == "batch" and m.stats.factorizations
+    ]
+    if ada:
+        out["decomp/adamatrix_iterations_mean"] = sum(s.iterations_sum for s in ada) / sum(
+            s.factorizations for s in ada
+        )
+        out["decomp/adamatrix_rel_error"] = sum(float(s.last_rel_error or 0.0) for s in ada) / len(ada)
+    blocks = [s.last_block for s in stats if s.forwards]
+    if blocks:
+        out["decomp/block_size"] = float(sum(blocks) / len(blocks))
+    return out
+
+
+# --- the method ---------------------------------------------------------------------------------------------
+@register_method("sdrm")
+class SDRMMethod(AttentionSwapMethod):
+    """``decomp=sdrm``: every attention module (or those matching ``targets``, minus ``skip``) becomes an
+    :class:`SDRMAttention` with the same weights. Keys (conf/decomp/sdrm.yaml): ``energy`` (phi) or ``rank``
+    (``default_energy`` applies when both are null), ``solver``, ``svd_batch_size``, ``block_size``,
+    ``block_keys``, ``block_budget_mb``, ``subspace``, ``head_loop``, ``adamatrix`` (options of
+    :class:`~lrk.linalg.adamatrix.AdaMatrixSolver`), plus the common ``stage``, ``calibration_batches`` ...
+    """
+
+    supported = "the attention modules (lrk.models.AttentionBase) of a ViT/DeiT backbone"
+    extra_keys: ClassVar[dict[str, Any]] = {
+        "default_energy": PAPER_ENERGY,
+        "solver": DEFAULT_SOLVER,
+        "svd_batch_size": 16,
+        "block_size": None,
+        "block_keys": False,
+        "block_budget_mb": DEFAULT_BLOCK_BUDGET_MB,
+        "subspace": "batch",
+        "head_loop": False,
+        "core": "auto",
+        "adamatrix": {},
+    }
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        c = self.cfg
+        if c["ratio"] is not None:
+            raise LrkConfigError(
+                f"decomp.ratio={c['ratio']} is invalid for decomp=sdrm: SDRM reduces the rank of activations, "
+                "not weights; set decomp.energy (phi) or decomp.rank"
+            )
+        energy, rank = c["energy"], c["rank"]
+        if energy is None and rank is None:
+            energy = c["default_energy"]
+        check_settings(
+            energy,
+            rank,
+            c["solver"],
+            c["svd_batch_size"],
+            c["block_size"],
+            c["subspace"],
+            c["block_budget_mb"],
+            c["core"],
+        )
+        for key in ("block_keys", "head_loop"):
+            if not isinstance(c[key], bool):
+                raise LrkConfigError(f"decomp.{key}={c[key]!r} is invalid: it must be true or false")
+        options = c["adamatrix"] or {}
+        if not isinstance(options, dict):
+            raise LrkConfigError(
+                f"decomp.adamatrix={options!r} is invalid: it must be a mapping of AdaMatrix options"
+            )
+        options = {k: v for k, v in options.items() if v is not None}  # null = the variant's default
+        if "lambdas" in options:
+            options["lambdas"] = tuple(options["lambdas"])
+        if "betas" in options:
+            options["betas"] = tuple(options["betas"])
+        try:
+            AdaMatrixSolver(rank=rank, energy=None if rank is not None else energy, **options)
+        except (TypeError, ValueError) as exc:
+            raise LrkConfigError(f"decomp.adamatrix={options} is invalid: {exc}") from exc
+        if c["subspace"] == "calibrated" and c["calibration_batches"] == 0:
+            raise LrkConfigError(
+                "decomp.calibration_batches=0 is invalid for decomp.subspace=calibrated: the basis is fitted on "
+                "calibration batches; use >= 1"
+            )
+        self.settings: dict[str, Any] = {
+            "energy": None if rank is not None else float(energy),
+            "rank": rank,
+            "solver": c["solver"],
+            "svd_batch_size": c["svd_batch_size"],
+            "block_size": c["block_size"],
+            "block_keys": c["block_keys"],
+            "block_budget_mb": float(c["block_budget_mb"]),
+            "subspace": c["subspace"],
+            "head_loop": c["head_loop"],
+            "core": c["core"],
+            "adamatrix": options,
+        }
+
+    def prepare(
+        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
+    ) -> dict[str, Any]:
+        """Token-count checks; for ``subspace=calibrated`` the Gram matrices of every target's calibration inputs."""
+        s = self.settings
+        tokens = token_count(model)
+        for _, module in targets:  # without a known T, rank <= d is checked when the modules are built
+            if tokens is not None:
+                check_tokens(s["block_size"], s["rank"], s["svd_batch_size"], tokens, module.dim)
+        context: dict[str, Any] = {"grams": {}, "tokens": {}, "seconds": {}}
+        if s["subspace"] != "calibrated":
+            return context
+        if not batches:
+            raise LrkConfigError(
+                "decomp.subspace=calibrated needs calibration batches (decomp.calibration_batches >= 1), got none"
+            )
+        if self.stage == "init":
+            log.warning(
+                "decomp=sdrm subspace=calibrated with stage=init: the basis is fitted to the untrained model's "
+                "attention inputs and stays frozen while the weights train; stage=post fits it to a trained model"
+            )
+        grams, counts, seconds = context["grams"], context["tokens"], context["seconds"]
+
+        def accumulate(name: str, x: torch.Tensor) -> None:
+            start = time.perf_counter()
+            Y = x.reshape(-1, x.shape[-1]).double()
+            if name in grams:
+                grams[name] += Y.T @ Y
+            else:
+                grams[name] = Y.T @ Y
+            counts[name] = counts.get(name, 0) + Y.shape[0]
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+        collect_attention_inputs(model, [n for n, _ in targets], batches, accumulate)
+        return context
+
+    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> SDRMAttention:
+        new = SDRMAttention.from_attention(module, **self.settings, layer_name=name)
+        if name in context["grams"]:
+            new.fit_basis(context["grams"][name], context["tokens"][name])
+            new.stats.fit_seconds += context["seconds"][name]
+        return new
+
+    def runtime_metrics(self, model: nn.Module) -> dict[str, float]:
+        """:func:`sdrm_metrics`: the t-SVDs inside the fit's forwards (``time/rr_s``, ranks, energy, CR)."""
+        return sdrm_metrics(model)
+
+    def finish(
+        self,
+        model: nn.Module,
+        built: list[tuple[str, AttentionBase, AttentionBase]],
+        batches: list[Any],
+        context: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """One row per swapped module: what the rank rule did on the calibration batches (their t-SVDs with the
+        configured solver and chunks, or the calibrated basis). The run statistics then start from zero; the
+        calibration time stays in ``stats.fit_seconds`` (part of ``time/rr_s``)."""
+        calibrated = self.settings["subspace"] == "calibrated"
+        if batches and not calibrated:
+            run_batches(model, batches)  # run them through the SDRM modules
+        rows = []
+        tokens = token_count(model)
+        for name, old, new in built:
+            assert isinstance(new, SDRMAttention)
+            st = new.stats
+            n = st.factorizations
+            kind = f"sdrm_{self.settings['subspace']}"
+            if calibrated:  # the frozen basis, fitted on all calibration tokens
+                rank, energy = float(new.basis_rank), float(new.basis_energy)
+                rel = math.sqrt(max(1.0 - energy, 0.0))
+            elif n:  # the rank rule on the calibration batches' t-SVDs
+                rank, energy, rel = st.rank_sum / n, st.energy_sum / n, st.rel_error_sum / n
+            else:  # no calibration batch: the bounds the configuration promises (rank <= r or d, energy >= phi)
+                kind += "_bounds"
+                rank = float(new.rank if new.rank is not None else new.dim)
+                energy = float(new.energy) if new.energy is not None else 0.0
+                rel = math.sqrt(max(1.0 - energy, 0.0))
+            rows.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "shape": [tokens or 0, new.dim],
+                    "rank": float(rank),
+                    "ranks": [round(rank)],
+                    "params_before": own_params(old),
+                    "params_after": own_params(new),
+                    "rel_error": float(rel),
+                    "energy": float(energy),
+                    "seconds": float(st.rr_seconds + st.fit_seconds),
+                }
+            )
+            fit = st.fit_seconds + st.rr_seconds
+            st.reset()
+            st.fit_seconds = fit
+        return rows

@@ -1,0 +1,3 @@
+"""Weight methods: Linear/Conv layers replaced by factorized ones (lrk.layers)."""
+
+from lrk.decomp.weight import cp, svd, trawl, tt, tucker  # noqa: F401  (register the methods)
