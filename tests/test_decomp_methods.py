@@ -144,14 +144,14 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     [
         (
             {"name": "svd", "rank": 2, "targets": ["blocks.*.attn.qkvv"]},
-            r"pattern 'blocks.\*.attn.qkvv' matches nothing",
+            r"pattern 'blocks.\*.attn.qkvv' matches no Linear/Conv layers \(no module at all\)",
         ),
-        ({"name": "svd", "rank": 2, "targets": ["blocks.*.norm"]}, "matches only non-weight modules"),
+        ({"name": "svd", "rank": 2, "targets": ["blocks.*.norm"]}, r"matches no Linear/Conv layers \(only blocks.0.norm"),
         (
             {"name": "svd", "rank": 2, "skip": ["nothing.*"]},
             r"decomp.skip pattern 'nothing.\*' matches no module",
         ),
-        ({"name": "svd", "rank": 2, "skip": ["blocks.*"]}, "removes every target layer"),
+        ({"name": "svd", "rank": 2, "skip": ["blocks.*"]}, "removes every target"),
         (
             {"name": "svd", "rank": 17},
             r"decomp.rank=17 is invalid for layer 'blocks.0.attn.qkv' \(Linear 16->48\): "

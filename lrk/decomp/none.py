@@ -16,7 +16,6 @@ class NoDecomposition(DecompMethod):
     """No decomposition. Rank-policy keys are ignored (the config may leave them all null)."""
 
     supported = "nothing (the model stays dense)"
-    needs_policy = False
 
     def apply(self, model: nn.Module, calibration_batches: Iterable[Any] | None = None) -> DecompReport:
         """Return an empty report; ``metrics()`` then gives ``time/rr_s`` = 0 and ``decomp/layers`` = 0."""

@@ -58,6 +58,7 @@ from lrk.decomp.attention.base import (
     token_count,
 )
 from lrk.decomp.base import register_method
+from lrk.decomp.rank.policy import RankPolicy
 from lrk.layers.attention.attn_svd import (
     DEFAULT_RATIO,
     SVDOutputAttention,
@@ -116,17 +117,14 @@ class AttnSVDMethod(AttentionSwapMethod):
     ``calibration_batches``, ``targets``, ``skip`` ... (``rank_multiple`` / ``min_rank``: only 1).
     """
 
-    needs_policy = True  # RankPolicy.from_config validates rank / ratio / energy / default_ratio
     needs_dense_attention = True
     extra_keys: ClassVar[dict[str, Any]] = {"default_ratio": DEFAULT_RATIO}
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        assert self.policy is not None
+        policy = RankPolicy.from_config(self.cfg)  # validates rank / ratio / energy / default_ratio
         self.settings: dict[str, Any] = {"rank": None, "ratio": None, "energy": None}
-        self.settings[self.policy.kind] = (
-            self.policy.rank if self.policy.kind == "rank" else self.policy.value
-        )
+        self.settings[policy.kind] = policy.rank if policy.kind == "rank" else policy.value
         check_rule(**self.settings)
 
     def prepare(
@@ -145,9 +143,7 @@ class AttnSVDMethod(AttentionSwapMethod):
         """:func:`attn_svd_metrics`: the truncations inside the fit's forwards (``time/rr_s``, ranks, energy)."""
         return attn_svd_metrics(model)
 
-    def build_attention(
-        self, name: str, module: AttentionBase, context: dict[str, Any]
-    ) -> SVDOutputAttention:
+    def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> SVDOutputAttention:
         return SVDOutputAttention.from_attention(module, **self.settings, layer_name=name)
 
     def finish(

@@ -172,7 +172,7 @@ class AttnTensorMethod(AttentionSwapMethod):
         """:func:`attn_tensor_metrics`: the decompositions inside the fit's forwards (``time/rr_s``, ranks)."""
         return attn_tensor_metrics(model)
 
-    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> TensorAttention:
+    def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> TensorAttention:
         return TensorAttention.from_attention(module, **self.settings, layer_name=name)
 
     def finish(

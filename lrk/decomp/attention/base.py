@@ -23,7 +23,6 @@ inputs of a few calibration batches. The shared parts live here:
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -32,12 +31,11 @@ from torch import nn
 
 from lrk.checks import is_int
 from lrk.decomp.base import DecompMethod
-from lrk.decomp.report import DecompReport
+from lrk.decomp.targets import TargetSelector
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention
 from lrk.layers.attention.stats import relative_error
 from lrk.layers.base import own_params
-from lrk.models.utils import attention_modules, replace_module
 
 VIT_BACKBONES = "backbone=vit_edge, vit_tiny, vit_small or deit_small (name: vit)"
 
@@ -160,15 +158,14 @@ def output_errors(
 
 
 class AttentionSwapMethod(DecompMethod):
-    """A method that replaces attention modules. Subclasses implement :meth:`build_attention` and may override
+    """A method that replaces attention modules. Subclasses implement :meth:`build_module` and may override
     :meth:`prepare` (checks and calibration, before any change) and :meth:`finish` (report rows after the swap).
 
-    Rank-policy keys are the subclass's business (``needs_policy = False`` here): an activation method such as
-    SDRM applies its energy rule to each batch's activations, not to the weights.
+    Rank-policy keys are the subclass's business: an activation method such as SDRM applies its energy rule to
+    each batch's activations, not to the weights.
     """
 
     supported = "the attention modules (lrk.models.AttentionBase) of a ViT/DeiT backbone"
-    needs_policy = False
     #: whether the method cannot work without calibration batches (then ``calibration_batches`` must be >= 1)
     needs_calibration: ClassVar[bool] = False
     #: what the calibration batches are for (error messages of a method with ``needs_calibration``)
@@ -228,16 +225,6 @@ class AttentionSwapMethod(DecompMethod):
             )
 
     # --- hooks -----------------------------------------------------------------------------------------
-    def prepare(
-        self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
-    ) -> dict[str, Any]:
-        """Checks and calibration before any change; returns the context :meth:`build_attention` reads."""
-        return {}
-
-    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> AttentionBase:
-        """The replacement of attention module ``name``."""
-        raise NotImplementedError
-
     def finish(
         self,
         model: nn.Module,
@@ -264,60 +251,27 @@ class AttentionSwapMethod(DecompMethod):
             for name, old, new in built
         ]
 
-    # --- target selection --------------------------------------------------------------------------------
-    def select_targets(self, model: nn.Module) -> list[tuple[str, AttentionBase]]:  # type: ignore[override]
-        """Every attention module (``targets: null``) or those whose names match ``targets``, minus ``skip``.
-
-        Raises :class:`LrkConfigError` when the model has no attention module, when a ``targets`` or ``skip``
-        pattern matches no attention module, or when ``skip`` removes them all.
-        """
-        found = attention_modules(model)
-        if not found:
-            kind = type(model).__name__
-            raise LrkConfigError(
+    # --- the contract ----------------------------------------------------------------------------------
+    def selector(self, model: nn.Module) -> TargetSelector:
+        """Every attention module (``targets: null``) or those whose names match ``targets``, minus ``skip``; a
+        model without attention modules (a ResNet) is an error naming the model and asking for a ViT."""
+        return TargetSelector(
+            method=self.name,
+            kinds=(AttentionBase,),
+            label="attention modules",
+            supported=self.supported,
+            is_default=lambda n, m: True,
+            support_error=lambda n, m: None,
+            none_found=(
                 f"decomp={self.name} needs a backbone with attention modules (a ViT: {VIT_BACKBONES}); "
-                f"the backbone {kind} has none"
-            )
-        names = [n for n, _ in found]
-        sample = ", ".join(names[:4])
-        if self.targets is None:
-            chosen = found
-        else:
-            picked: set[str] = set()
-            for pattern in self.targets:
-                hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-                if not hits:
-                    raise LrkConfigError(
-                        f"decomp.targets pattern '{pattern}' matches no attention module: decomp={self.name} "
-                        f"swaps attention modules, whose names look like {sample}"
-                    )
-                picked.update(hits)
-            chosen = [(n, m) for n, m in found if n in picked]
-        for pattern in self.skip:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise LrkConfigError(
-                    f"decomp.skip pattern '{pattern}' matches no attention module; their names look like {sample}"
-                )
-        chosen = [(n, m) for n, m in chosen if not any(fnmatch.fnmatchcase(n, p) for p in self.skip)]
-        if not chosen:
-            raise LrkConfigError(
-                f"decomp={self.name}: decomp.skip={self.skip} removes every attention module"
-            )
-        return chosen
+                f"the backbone {type(model).__name__} has none"
+            ),
+        )
 
-    # --- the entry point ---------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, calibration_batches: Iterable[Any] | None = None) -> DecompReport:
-        """Swap the target attention modules of ``model`` in place and return the report.
-
-        Every check and the calibration (``prepare``) run before the model changes; every replacement is built
-        before the first is swapped in.
-        """
-        batches = list(calibration_batches) if calibration_batches is not None else []
-        targets = self.select_targets(model)
+    def select_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        targets = super().select_targets(model)
         self.require_dense_attention(targets)
+        return targets
+
+    def check_batches(self, batches: list[Any]) -> None:
         self.require_calibration(batches)
-        context = self.prepare(model, targets, batches)
-        built = [(name, old, self.build_attention(name, old, context)) for name, old in targets]
-        for name, _, new in built:
-            replace_module(model, name, new)
-        return DecompReport(self.name, self.finish(model, built, batches, context))

@@ -106,7 +106,7 @@ class CholeskyMethod(AttentionSwapMethod):
                 raise LrkConfigError(f"attention module '{name}': {exc}") from None
         return {"seconds": {}}
 
-    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> CholeskyAttention:
+    def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> CholeskyAttention:
         start = time.perf_counter()
         new = CholeskyAttention.from_attention(module, init=self.init, eps=self.eps)
         context["seconds"][name] = time.perf_counter() - start

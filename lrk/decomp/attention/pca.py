@@ -237,7 +237,7 @@ class PCAMethod(AttentionSwapMethod):
         """:func:`pca_metrics`: the bases computed inside the fit's forwards (``time/rr_s``)."""
         return pca_metrics(model)
 
-    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> PCAAttention:
+    def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> PCAAttention:
         new = context["built"][name]
         new.stats.reset()  # the error measurement in prepare ran forwards: start the run's figures at zero
         new.stats.fit_seconds = context["seconds"][name]

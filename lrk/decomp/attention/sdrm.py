@@ -268,7 +268,7 @@ class SDRMMethod(AttentionSwapMethod):
         collect_attention_inputs(model, [n for n, _ in targets], batches, accumulate)
         return context
 
-    def build_attention(self, name: str, module: AttentionBase, context: dict[str, Any]) -> SDRMAttention:
+    def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> SDRMAttention:
         new = SDRMAttention.from_attention(module, **self.settings, layer_name=name)
         if name in context["grams"]:
             new.fit_basis(context["grams"][name], context["tokens"][name])

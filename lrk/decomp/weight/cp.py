@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from lrk.checks import is_int, is_number
-from lrk.decomp.base import DecompMethod, register_method
+from lrk.decomp.base import register_method
 from lrk.decomp.rank.policy import RankProblem, Ranks
+from lrk.decomp.weight.base import WeightMethod
 from lrk.decomp.weight.svd import conv_support_error
 from lrk.errors import LrkConfigError
 from lrk.layers.base import FactorizedLayer, _describe
@@ -75,7 +76,7 @@ def cp_problem(name: str, module: nn.Module, dims: tuple[int, ...], tensor: torc
 
 
 @register_method("cp")
-class CPMethod(DecompMethod):
+class CPMethod(WeightMethod):
     """CP by ALS: k x k convolutions -> pointwise, depthwise, pointwise; Linear -> CP of the tensorized weight."""
 
     supported = "Conv2d with groups=1 (3-way CP: pointwise, depthwise, pointwise) and Linear (CP of the tensorized weight)"
@@ -105,8 +106,8 @@ class CPMethod(DecompMethod):
             return None
         return conv_support_error(module)
 
-    def is_default_target(self, name: str, module: nn.Module, context: dict[str, Any]) -> bool:
-        if name in context["heads"] or name == context["stem"]:
+    def is_default_target(self, name: str, module: nn.Module, facts: dict[str, Any]) -> bool:
+        if name in facts["heads"] or name == facts["stem"]:
             return False
         return isinstance(module, nn.Linear) or module.kernel_size != (1, 1)
 
@@ -128,7 +129,9 @@ class CPMethod(DecompMethod):
         tensor = w.reshape(w.shape[0], w.shape[1], -1)
         return cp_problem(name, module, tuple(tensor.shape), tensor)
 
-    def build(self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem) -> FactorizedLayer:
+    def build_layer(
+        self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem
+    ) -> FactorizedLayer:
         if isinstance(module, nn.Linear):
             out_shape, in_shape = problem.notes["shapes"]
             return CPLinear.from_linear(module, ranks[0], out_shape, in_shape, self.n_iter_max, self.tol)

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrk.decomp.base import DecompMethod, register_method
+from lrk.decomp.base import register_method
 from lrk.decomp.rank.policy import RankProblem, Ranks
+from lrk.decomp.weight.base import WeightMethod
 from lrk.layers.base import FactorizedLayer, _describe
 from lrk.layers.svd import SVDConv2d, SVDLinear
 from lrk.linalg.svd import svd_params, thin_svd
@@ -69,7 +70,7 @@ def build_svd(module: nn.Module, rank: int, usv=None) -> FactorizedLayer:
 
 
 @register_method("svd")
-class SVDMethod(DecompMethod):
+class SVDMethod(WeightMethod):
     """Truncated SVD of Linear layers and (matricized) Conv2d kernels, Eqs. 1-3."""
 
     supported = "Linear and Conv2d with groups=1 (a k x k kernel is matricized as out x (in k k))"
@@ -79,11 +80,10 @@ class SVDMethod(DecompMethod):
             return None
         return conv_support_error(module)
 
-    def is_default_target(self, name: str, module: nn.Module, context: dict[str, Any]) -> bool:
-        return name not in context["heads"] and name != context["stem"]
-
     def problem(self, name: str, module: nn.Module) -> RankProblem:
         return svd_problem(name, module)
 
-    def build(self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem) -> FactorizedLayer:
+    def build_layer(
+        self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem
+    ) -> FactorizedLayer:
         return build_svd(module, ranks[0], problem.notes.get("usv"))

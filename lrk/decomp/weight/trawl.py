@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from lrk.checks import is_int
-from lrk.decomp.base import DecompMethod, register_method
+from lrk.decomp.base import Built, register_method
 from lrk.decomp.rank.policy import FixedRank, RankProblem, Ranks
+from lrk.decomp.weight.base import WeightMethod
 from lrk.decomp.weight.svd import conv_support_error
 from lrk.errors import LrkConfigError
 from lrk.layers.base import FactorizedLayer, _describe, own_params
@@ -48,7 +49,7 @@ def group_key(module: nn.Module) -> tuple[str, tuple[int, ...]]:
 
 
 @register_method("trawl")
-class TrawlMethod(DecompMethod):
+class TrawlMethod(WeightMethod):
     """Stacked same-shaped weights decomposed jointly (Tucker or CP), factors shared across the group."""
 
     supported = "Linear and Conv2d (groups=1, padding_mode='zeros'), grouped by weight shape"
@@ -94,9 +95,6 @@ class TrawlMethod(DecompMethod):
         if reason is None and module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} is not supported, only 'zeros'"
         return reason
-
-    def is_default_target(self, name: str, module: nn.Module, context: dict[str, Any]) -> bool:
-        return name not in context["heads"] and name != context["stem"]
 
     def group_problem(self, names: list[str], modules: list[nn.Module]) -> RankProblem:
         first = modules[0]
@@ -193,8 +191,10 @@ class TrawlMethod(DecompMethod):
                 out.append(TrawlConv2d(m, shared, ranks, core_l, coef_l))
         return [layer.to(first.weight.device) for layer in out]
 
-    def decompose(self, targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, dict[str, Any]]]:
-        assert self.policy is not None
+    def prepare(
+        self, model: nn.Module, targets: list[tuple[str, nn.Module]], batches: list[Any]
+    ) -> dict[str, Any]:
+        """Same-shaped targets form one group; one rank problem per group (explicit ranks checked here)."""
         groups: OrderedDict[tuple, list[tuple[str, nn.Module]]] = OrderedDict()
         for name, module in targets:
             groups.setdefault(group_key(module), []).append((name, module))
@@ -203,18 +203,26 @@ class TrawlMethod(DecompMethod):
         if isinstance(selector, FixedRank):
             for p in problems:
                 selector.check(p)
-        built = []
-        for group, problem in zip(groups.values(), problems, strict=True):
+        return {"selector": selector, "groups": list(zip(groups.values(), problems, strict=True)), "rows": {}}
+
+    def build(self, targets: list[tuple[str, nn.Module]], context: dict[str, Any]) -> Built:
+        """Each group's layers share their factors: they are built together."""
+        built: Built = []
+        for group, problem in context["groups"]:
             names, modules = [n for n, _ in group], [m for _, m in group]
-            start = time.perf_counter()
-            ranks = self.policy.select(problem, selector)
-            layers = self.build_group(names, modules, ranks, problem)
-            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                start = time.perf_counter()
+                ranks = self.policy.select(problem, context["selector"])
+                layers = self.build_group(names, modules, ranks, problem)
+                seconds = time.perf_counter() - start
             shared_params = own_params(layers[0].shared)
             for name, module, layer in zip(names, modules, layers, strict=True):
+                layer.train(module.training)
                 row = self.row(name, module, layer, ranks, seconds / len(layers), problem)
                 row["params_after"] = own_params(layer) - shared_params + shared_params / len(layers)
                 row["group"] = problem.layer
                 row["group_size"] = len(layers)
-                built.append((name, layer, row))
-        return built
+                context["rows"][name] = row
+                built.append((name, module, layer))
+        order = [n for n, _ in targets]
+        return sorted(built, key=lambda b: order.index(b[0]))

@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 from torch import nn
 
 from lrk.checks import is_int
-from lrk.decomp.base import DecompMethod, register_method
+from lrk.decomp.base import register_method
 from lrk.decomp.rank.policy import RankProblem, Ranks
+from lrk.decomp.weight.base import WeightMethod
 from lrk.decomp.weight.cp import _check_factors
 from lrk.errors import LrkConfigError
 from lrk.layers.base import FactorizedLayer, _describe
@@ -35,7 +36,7 @@ from lrk.linalg.tt import (
 
 
 @register_method("tt")
-class TTMethod(DecompMethod):
+class TTMethod(WeightMethod):
     """TT-matrix factorization of Linear layers and 1x1 convolutions."""
 
     supported = "Linear and 1x1 Conv2d (groups=1, padding=0); k x k convolutions are not supported"
@@ -61,8 +62,8 @@ class TTMethod(DecompMethod):
             return "only groups=1 and padding=0 are supported"
         return None
 
-    def is_default_target(self, name: str, module: nn.Module, context: dict[str, Any]) -> bool:
-        return name not in context["heads"]
+    def is_default_target(self, name: str, module: nn.Module, facts: dict[str, Any]) -> bool:
+        return name not in facts["heads"]
 
     def shapes(self, name: str, module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_n, in_n = module.weight.shape[0], module.weight[0].numel()
@@ -93,7 +94,9 @@ class TTMethod(DecompMethod):
             notes={"kind": "tt", "shapes": (out_shape, in_shape)},
         )
 
-    def build(self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem) -> FactorizedLayer:
+    def build_layer(
+        self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem
+    ) -> FactorizedLayer:
         out_shape, in_shape = problem.notes["shapes"]
         if isinstance(module, nn.Linear):
             return TTLinear.from_weight(module.weight, module.bias, out_shape, in_shape, ranks)

@@ -89,7 +89,9 @@ class TuckerMethod(SVDMethod):
             return tucker_problem(name, module, self.beta)
         return super().problem(name, module)
 
-    def build(self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem) -> FactorizedLayer:
+    def build_layer(
+        self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem
+    ) -> FactorizedLayer:
         if is_spatial(module):
             return TuckerConv2d.from_conv(module, (ranks[0], ranks[1]), n_iter_max=self.n_iter_max)
-        return super().build(name, module, ranks, problem)
+        return super().build_layer(name, module, ranks, problem)
