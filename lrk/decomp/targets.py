@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lrk.errors import LrkConfigError
+from lrk.layers.base import describe
 
 #: the Linear/Conv layers a weight method may be pointed at
 WEIGHT_LAYERS = (
@@ -26,17 +27,6 @@ WEIGHT_LAYERS = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
-
-
-def describe(module: nn.Module) -> str:
-    """A short description of a layer for messages and reports: ``Linear 192->576``, ``Conv2d 64->128 3x3``."""
-    if isinstance(module, nn.Linear):
-        return f"Linear {module.in_features}->{module.out_features}"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        kernel = "x".join(str(k) for k in module.kernel_size)
-        groups = f", groups={module.groups}" if module.groups != 1 else ""
-        return f"{type(module).__name__} {module.in_channels}->{module.out_channels} {kernel}{groups}"
-    return type(module).__name__
 
 
 @dataclass(frozen=True)

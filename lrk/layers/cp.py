@@ -26,14 +26,26 @@ ALS runs at most ``n_iter_max`` sweeps (25) from an SVD initialisation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lrk.layers.base import FactorizedLayer, conv_like
-from lrk.layers.svd import _copy_bias
-from lrk.linalg.cp import cp_als, cp_params
+from lrk.layers.base import (
+    FactorizedLayer,
+    _conv_flops,
+    _rows,
+    as_ranks,
+    check_rank,
+    conv_like,
+    dense_conv_like,
+    dense_linear,
+    describe,
+    expect_module,
+)
+from lrk.layers.svd import _copy_bias, fold_three
+from lrk.linalg.cp import cp_als, cp_params, cp_rank_bound
 from lrk.linalg.tt import balanced_factors
 
 
@@ -55,7 +67,15 @@ def _balanced_scale(weights: torch.Tensor, factors: list[torch.Tensor]) -> list[
 
 
 class CPConv2d(FactorizedLayer):
-    """``pointwise_in`` 1x1 C -> R, ``depthwise`` kh x kw on R channels, ``pointwise_out`` 1x1 R -> S (+ bias)."""
+    """``pointwise_in`` 1x1 C -> R, ``depthwise`` kh x kw on R channels, ``pointwise_out`` 1x1 R -> S (+ bias).
+
+    Protocol: ``from_dense(conv, rank, n_iter_max=25, tol=1e-5)`` with rank in [1, S C kh kw / max(S, C,
+    kh kw)] (the generic CP rank bound); ``factors()`` is ``{"pointwise_in", "depthwise", "pointwise_out"}``.
+    ``fold(keep=...)``, the merges of :class:`~lrk.layers.tucker.TuckerConv2d` with the depthwise conv as a
+    diagonal core: ``"last"`` merges ``pointwise_in`` into the depthwise conv (an
+    :class:`~lrk.layers.svd.SVDConv2d` of rank R), ``"first"`` merges the depthwise conv with
+    ``pointwise_out`` (``nn.Sequential(1x1 C -> R, k x k R -> S)``), ``None`` gives the dense conv.
+    """
 
     def __init__(self, conv: nn.Conv2d, rank: int) -> None:
         super().__init__()
@@ -83,10 +103,59 @@ class CPConv2d(FactorizedLayer):
         result = cp_als(w.reshape(w.shape[0], w.shape[1], -1), rank, n_iter_max=n_iter_max, tol=tol)
         return cls.from_factors(conv, result.weights, result.factors)
 
+    @classmethod
+    def from_dense(
+        cls, module: nn.Module, ranks: int | Sequence[int], n_iter_max: int = 25, tol: float = 1e-5
+    ) -> CPConv2d:
+        """:meth:`from_conv` of an ``nn.Conv2d`` (groups=1) after checking the rank (``ranks`` = R or (R,))."""
+        expect_module(module, nn.Conv2d, cls.__name__)
+        if module.groups != 1:
+            raise ValueError(f"{cls.__name__} needs groups=1, got groups={module.groups}")
+        (rank,) = as_ranks(ranks, 1, cls.__name__)
+        s_out, c_in, kh, kw = module.weight.shape
+        bound = cp_rank_bound((s_out, c_in, kh * kw))
+        check_rank(rank, 1, bound, f"{cls.__name__}.from_dense({describe(module)})")
+        return cls.from_conv(module, rank, n_iter_max=n_iter_max, tol=tol)
+
     @staticmethod
     def param_count(in_channels: int, out_channels: int, kernel: int, rank: int, bias: bool = True) -> int:
         """R (C + kh kw + S) (+ S)."""
         return cp_params((out_channels, in_channels, kernel), rank) + (out_channels if bias else 0)
+
+    def flops(self, input_shape: Sequence[int]) -> int:
+        """2 B (H W C R + H' W' R kh kw + H' W' R S) for input H x W, output H' x W'."""
+        total, shape = 0, tuple(input_shape)
+        for conv in (self.pointwise_in, self.depthwise, self.pointwise_out):
+            flops, shape = _conv_flops(conv, shape)
+            total += flops
+        return total
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.pointwise_out.bias
+
+    def factors(self) -> dict[str, nn.Parameter]:
+        return {
+            "pointwise_in": self.pointwise_in.weight,
+            "depthwise": self.depthwise.weight,
+            "pointwise_out": self.pointwise_out.weight,
+        }
+
+    def dense_module(self) -> nn.Conv2d:
+        return dense_conv_like(self.depthwise, self.dense_weight(), self.dense_bias())
+
+    def fold(self, keep: str | None = None) -> nn.Module:
+        """Merge layers (class docstring): ``keep=None`` dense; ``"last"`` an SVDConv2d; ``"first"`` 1x1 + k x k."""
+        k = self.depthwise.weight[:, 0]  # (R, kh, kw)
+        eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+        spatial = eye[:, :, None, None] * k[:, None]  # the diagonal core (R, R, kh, kw)
+        return fold_three(
+            self,
+            self.pointwise_in.weight[:, :, 0, 0],
+            spatial,
+            self.pointwise_out.weight[:, :, 0, 0],
+            self.depthwise,
+            keep,
+        )
 
     def dense_weight(self) -> torch.Tensor:
         a = self.pointwise_out.weight[:, :, 0, 0]  # (S, R)
@@ -100,7 +169,12 @@ class CPConv2d(FactorizedLayer):
 
 class CPLinear(FactorizedLayer):
     """Linear with a CP-decomposed tensorized weight ``W[(o_1..o_d), (i_1..i_d)] = sum_r prod_k O_k[o_k, r]
-    prod_k I_k[i_k, r]``; factors in ``out_factors`` / ``in_factors`` (ParameterLists)."""
+    prod_k I_k[i_k, r]``; factors in ``out_factors`` / ``in_factors`` (ParameterLists).
+
+    Protocol: ``from_dense(linear, rank, out_shape=None, in_shape=None, n_iter_max=25, tol=1e-5)`` (shapes
+    default to 2 balanced factors each) with rank in [1, prod(dims) / max(dims)]; ``factors()`` is
+    ``{"out_factors.0", .., "in_factors.0", ..}``; ``fold()`` is the dense ``nn.Linear`` only.
+    """
 
     def __init__(
         self,
@@ -150,9 +224,49 @@ class CPLinear(FactorizedLayer):
         result = cp_als(tensor, rank, n_iter_max=n_iter_max, tol=tol)
         return cls.from_factors(linear, out_shape, in_shape, result.weights, result.factors)
 
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Module,
+        ranks: int | Sequence[int],
+        out_shape: Sequence[int] | None = None,
+        in_shape: Sequence[int] | None = None,
+        n_iter_max: int = 25,
+        tol: float = 1e-5,
+    ) -> CPLinear:
+        """:meth:`from_linear` of an ``nn.Linear`` after checking the shapes and the rank."""
+        expect_module(module, nn.Linear, cls.__name__)
+        (rank,) = as_ranks(ranks, 1, cls.__name__)
+        who = f"{cls.__name__}.from_dense({describe(module)})"
+        out_shape = tuple(out_shape or balanced_factors(module.out_features, 2))
+        in_shape = tuple(in_shape or balanced_factors(module.in_features, 2))
+        if math.prod(out_shape) != module.out_features or math.prod(in_shape) != module.in_features:
+            raise ValueError(
+                f"{who}: out_shape={out_shape} x in_shape={in_shape} do not multiply to "
+                f"({module.out_features}, {module.in_features})"
+            )
+        check_rank(rank, 1, cp_rank_bound((*out_shape, *in_shape)), who)
+        return cls.from_linear(module, rank, out_shape, in_shape, n_iter_max=n_iter_max, tol=tol)
+
     @staticmethod
     def param_count(out_shape, in_shape, rank: int, bias: bool = True) -> int:
         return cp_params((*out_shape, *in_shape), rank) + (math.prod(out_shape) if bias else 0)
+
+    def flops(self, input_shape: Sequence[int]) -> int:
+        """2 N R (in + out) for N rows: the two GEMMs of :meth:`forward` (the Khatri-Rao products it forms
+        per call are elementwise, not counted)."""
+        rows = _rows(input_shape, self.in_features, type(self).__name__)
+        return 2 * rows * self.ranks[0] * (self.in_features + self.out_features)
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+    def factors(self) -> dict[str, nn.Parameter]:
+        out = {f"out_factors.{k}": p for k, p in enumerate(self.out_factors)}
+        return out | {f"in_factors.{k}": p for k, p in enumerate(self.in_factors)}
+
+    def dense_module(self) -> nn.Linear:
+        return dense_linear(self.dense_weight(), self.dense_bias())
 
     def dense_weight(self) -> torch.Tensor:
         letters = "abcdefghijklmnopqrstuvwxy"

@@ -37,7 +37,7 @@ from lrk.decomp.rank.policy import RankProblem, Ranks
 from lrk.decomp.weight.base import WeightMethod
 from lrk.decomp.weight.svd import conv_support_error
 from lrk.errors import LrkConfigError
-from lrk.layers.base import FactorizedLayer, _describe
+from lrk.layers.base import FactorizedLayer, describe
 from lrk.layers.cp import CPConv2d, CPLinear
 from lrk.linalg.cp import cp_params, cp_rank_bound
 from lrk.linalg.tt import balanced_factors
@@ -63,7 +63,7 @@ def cp_problem(name: str, module: nn.Module, dims: tuple[int, ...], tensor: torc
     bound = cp_rank_bound(dims)
     return RankProblem(
         layer=name,
-        description=_describe(module),
+        description=describe(module),
         limits=(bound,),
         scalar_limit=bound,
         from_scalar=lambda r: (r,),

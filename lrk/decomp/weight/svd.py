@@ -19,7 +19,7 @@ from torch import nn
 from lrk.decomp.base import register_method
 from lrk.decomp.rank.policy import RankProblem, Ranks
 from lrk.decomp.weight.base import WeightMethod
-from lrk.layers.base import FactorizedLayer, _describe
+from lrk.layers.base import FactorizedLayer, describe
 from lrk.layers.svd import SVDConv2d, SVDLinear
 from lrk.linalg.svd import svd_params, thin_svd
 
@@ -49,7 +49,7 @@ def svd_problem(name: str, module: nn.Module, kind: str = "svd") -> RankProblem:
 
     return RankProblem(
         layer=name,
-        description=_describe(module),
+        description=describe(module),
         limits=(limit,),
         scalar_limit=limit,
         from_scalar=lambda r: (r,),

@@ -38,7 +38,7 @@ from lrk.decomp.rank.policy import FixedRank, RankProblem, Ranks
 from lrk.decomp.weight.base import WeightMethod
 from lrk.decomp.weight.svd import conv_support_error
 from lrk.errors import LrkConfigError
-from lrk.layers.base import FactorizedLayer, _describe, own_params
+from lrk.layers.base import FactorizedLayer, describe, own_params
 from lrk.layers.trawl import DECOMPOSITIONS, TrawlConv2d, TrawlLinear, TrawlShared
 from lrk.linalg.cp import cp_als, cp_params, cp_rank_bound
 from lrk.linalg.tucker import mode_singular_values, tucker2
@@ -105,7 +105,7 @@ class TrawlMethod(WeightMethod):
         bias_n = sum(m.bias.numel() for m in modules if m.bias is not None)
         dense = stack.numel() + bias_n
         label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} same-shaped)"
-        description = f"group of {n_layers} x {_describe(first)}"
+        description = f"group of {n_layers} x {describe(first)}"
         if self.kind == "tucker":
             layer_rank = self.layer_rank
             if layer_rank is not None and layer_rank > n_layers:

@@ -25,7 +25,7 @@ from lrk.decomp.rank.policy import RankProblem, Ranks
 from lrk.decomp.weight.base import WeightMethod
 from lrk.decomp.weight.cp import _check_factors
 from lrk.errors import LrkConfigError
-from lrk.layers.base import FactorizedLayer, _describe
+from lrk.layers.base import FactorizedLayer, describe
 from lrk.layers.tt import TTConv1x1, TTLinear
 from lrk.linalg.tt import (
     balanced_factors,
@@ -84,7 +84,7 @@ class TTMethod(WeightMethod):
         matrix = module.weight.detach().reshape(module.weight.shape[0], -1)
         return RankProblem(
             layer=name,
-            description=f"{_describe(module)} as TT {'x'.join(map(str, out_shape))} <- {'x'.join(map(str, in_shape))}",
+            description=f"{describe(module)} as TT {'x'.join(map(str, out_shape))} <- {'x'.join(map(str, in_shape))}",
             limits=limits,
             scalar_limit=max(limits),
             from_scalar=lambda r: tuple(min(r, m) for m in limits),

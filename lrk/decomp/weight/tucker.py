@@ -26,7 +26,7 @@ from lrk.decomp.base import register_method
 from lrk.decomp.rank.policy import RankProblem, Ranks
 from lrk.decomp.weight.svd import SVDMethod
 from lrk.errors import LrkConfigError
-from lrk.layers.base import FactorizedLayer, _describe
+from lrk.layers.base import FactorizedLayer, describe
 from lrk.layers.tucker import TuckerConv2d
 from lrk.linalg.tucker import mode_singular_values, tucker2_params, tucker2_rank_eq7
 
@@ -45,7 +45,7 @@ def tucker_problem(name: str, conv: nn.Conv2d, beta: float | None) -> RankProble
 
     return RankProblem(
         layer=name,
-        description=_describe(conv),
+        description=describe(conv),
         limits=limits,
         scalar_limit=min(c_in, max(1, int(s_out / b + 1e-9))),  # R1 <= C and R2 = beta R1 <= S
         from_scalar=from_scalar,
