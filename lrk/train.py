@@ -21,11 +21,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrk.config import check_model_config, resolve_checkpoint
 from lrk.data import build_datamodule
-from lrk.decomp import build_method
+from lrk.decomp import DecompReport, build_method
 from lrk.errors import LrkConfigError
 from lrk.lit.callbacks import MeasurementCallback, count_parameters, log_to_loggers
 from lrk.lit.module import LitClassifier
 from lrk.models import build_backbone
+from lrk.pipeline.structure import (
+    StructureCheckpoint,
+    find_checkpoint,
+    load_checkpoint,
+    read_structure,
+    restore_model,
+)
 from lrk.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -72,14 +79,20 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
         "split_sizes": dict(datamodule.split_sizes),
         "stats": dict(datamodule.stats),
     }
-    model = build_backbone(
-        cfg.backbone,
-        num_classes=datamodule.num_classes,
-        in_chans=datamodule.in_chans,
-        image_size=datamodule.image_size,
-    )
+    # train=false on a checkpoint that carries its structure: test its (compressed) model as it was saved
+    ckpt_path, restored = _restore_saved_model(cfg, ckpt_path, datamodule, summary)
+    if restored:
+        model, payload = restored
+        params_dense = payload.get("params_dense") or count_parameters(model)
+    else:
+        model = build_backbone(
+            cfg.backbone,
+            num_classes=datamodule.num_classes,
+            in_chans=datamodule.in_chans,
+            image_size=datamodule.image_size,
+        )
+        params_dense = count_parameters(model)
     method = build_method(cfg.decomp)
-    params_dense = count_parameters(model)
     lit = LitClassifier(
         model,
         num_classes=datamodule.num_classes,
@@ -95,7 +108,12 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
     lit.params_dense = params_dense
     metrics: dict[str, float] = {}
 
-    if method.stage == "init":
+    if restored:
+        # the checkpoint holds the decomposed model already: the original run's report rows, nothing applied
+        report = DecompReport(
+            payload.get("decomp_method") or "none", list(payload.get("decomp_layers") or [])
+        )
+    elif method.stage == "init":
         # factorize first, then train the factorized model from its initialisation
         report = method.apply(model, datamodule.calibration_batches(_calibration_count(cfg)))
     else:
@@ -110,6 +128,7 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
         metrics.update(_prefixed(_evaluate(cfg, lit, datamodule), "dense/"))
         report = method.apply(model, datamodule.calibration_batches(_calibration_count(cfg)))
     summary.decomp_layers = list(report.rows)
+    lit.decomp_method, lit.decomp_layers = report.method, list(report.rows)  # kept in the checkpoints
     metrics.update(report.metrics())
 
     callbacks = _instantiate_callbacks(cfg)
@@ -143,6 +162,39 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
     return dict(sorted(metrics.items()))
 
 
+def _restore_saved_model(
+    cfg: DictConfig, ckpt_path: Path | None, datamodule: Any, summary: RunSummary
+) -> tuple[Path | None, tuple[torch.nn.Module, dict[str, Any]] | None]:
+    """``train=false`` with a checkpoint: the checkpoint to test (of a run dir: the one that run tested, see
+    ``lrk.pipeline.structure.find_checkpoint``) and, when it carries its structure, ``(model, payload)``: the
+    model restored from it (no decomposition config needed, none applied again). ``None`` instead when training
+    or for a checkpoint with weights only (written before lrk stored structures): the model is built from the
+    config as before."""
+    if cfg.train or ckpt_path is None:
+        return ckpt_path, None
+    if str(cfg.ckpt_path) != "last" and Path(str(cfg.ckpt_path)).expanduser().is_dir():
+        ckpt_path = find_checkpoint(cfg.ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path)
+    payload = read_structure(checkpoint)
+    if payload is None:
+        return ckpt_path, None
+    if cfg.decomp.name != "none":
+        raise LrkConfigError(
+            f"ckpt_path={ckpt_path} already holds its model's structure "
+            f"(decomp={payload.get('decomp_method') or 'none'}): drop decomp={cfg.decomp.name}, the checkpoint is "
+            "tested as it was saved (to decompose a dense checkpoint: decomp.stage=post decomp.ckpt_path=<it>)"
+        )
+    facts = {"num_classes": datamodule.num_classes, "in_chans": datamodule.in_chans}
+    facts.update(image_size=datamodule.image_size, classes=datamodule.class_names)
+    model = restore_model(checkpoint, facts)
+    summary.extra["restored_from"] = {
+        "checkpoint": str(ckpt_path),
+        "lrk_version": payload.get("lrk_version"),
+        "model_class": payload.get("model_class"),
+    }
+    return ckpt_path, (model, payload)
+
+
 def _calibration_count(cfg: DictConfig) -> int:
     return int(cfg.decomp.get("calibration_batches", 4))
 
@@ -158,7 +210,7 @@ def _make_trainer(
         cfg.trainer,
         default_root_dir=str(run_dir),
         logger=loggers or False,
-        callbacks=callbacks or [],
+        callbacks=[*(callbacks or []), StructureCheckpoint()],  # checkpoints carry the model's structure
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
         **overrides,
     )
@@ -203,10 +255,6 @@ def _instantiate_callbacks(cfg: DictConfig) -> list[Callback]:
     if not cfg.trainer.get("enable_progress_bar", True):
         # trainer.enable_progress_bar=false wins over the progress-bar callback (logs, CI)
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    if cfg.get("optuna") and cfg.optuna.get("trial") is not None:
-        from lrk.search.pruning import OptunaPruningCallback
-
-        callbacks.append(OptunaPruningCallback(monitor=_first_metric(cfg.optimized_metric)))
     return callbacks
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -74,6 +75,10 @@ class LitClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed fit knows its best
         self.test_confusion: list[list[int]] | None = None
+        # set by lrk.train; lrk.pipeline.structure.StructureCheckpoint stores them in every checkpoint
+        self.params_dense: int | None = None
+        self.decomp_method: str | None = None
+        self.decomp_layers: list[dict[str, Any]] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
