@@ -1,18 +1,13 @@
-"""Measuring helpers shared by the benchmark scripts (imported as ``_common`` when a script runs from benchmarks/)."""
+"""Benchmark-only helpers: composing method configs, the workloads and inputs the scripts time (imported as
+``_common`` when a script runs from benchmarks/). Timing, FLOPs and memory come from :mod:`lrk.measure`."""
 
 from __future__ import annotations
 
-import json
-import math
-import tempfile
-import time
-import warnings
-from collections.abc import Callable
+import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.profiler import ProfilerActivity, profile
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -36,34 +31,9 @@ def infer(module: torch.nn.Module, x: torch.Tensor) -> None:
         module(x)
 
 
-def peak_memory_mb(fn: Callable[[], None]) -> float:
-    """Peak of the profiler's CPU memory timeline while ``fn`` runs (allocations minus frees, all categories)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-        ) as prof:
-            fn()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "timeline.json"
-            prof.export_memory_timeline(str(path), device="cpu")
-            _, sizes = json.loads(path.read_text())
-    return max(sum(row) for row in sizes) / 2**20 if sizes else float("nan")
-
-
-def paired_min(a: Callable[[], None], b: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """Minimum seconds of ``a`` and of ``b`` over ``repeats`` alternating runs (after one warm-up each)."""
-    a()
-    b()
-    ta, tb = math.inf, math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a()
-        ta = min(ta, time.perf_counter() - start)
-        start = time.perf_counter()
-        b()
-        tb = min(tb, time.perf_counter() - start)
-    return ta, tb
+def load_average() -> float:
+    """The 1-minute load average of the machine (other processes: noise on every timing), NaN where unknown."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def spectral_tokens(batch: int, tokens: int, dim: int, seed: int = 0) -> torch.Tensor:

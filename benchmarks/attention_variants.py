@@ -11,7 +11,10 @@ variant, as ratios to the dense module measured in the same process:
 - ``peak mem``: the peak of the CPU memory timeline of torch's profiler for one training step (every allocation
   and free, inputs and parameters included), in a separate untimed run;
 - ``params``: parameters of the module; ``rel err``: the report's relative output error against the dense module
-  on the calibration batches.
+  on the calibration batches;
+- ``FLOPs``: FLOPs per image of one inference forward at the benchmark's batch (``lrk.measure.count_flops``:
+  the attention products and the factorizations a method computes inside its forward included); a second table
+  gives them apart: inside ``F.scaled_dot_product_attention``, factorizations (eigh / SVD / QR / ...), the rest.
 
 Shapes: ``--shape edge`` (default: the experiment's vit_edge on 64 px elpv: B=64, T=65, d=128, 4 heads),
 ``--shape tiny`` (ViT-Ti at 224 px: B=32, T=197, d=192, 3 heads). The slides' claims this speaks to
@@ -27,16 +30,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from typing import Any
 
 import torch
-from _common import decomp_config, infer, paired_min, peak_memory_mb, spectral_tokens, train_step
+from _common import decomp_config, infer, load_average, spectral_tokens, train_step
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from lrk.decomp import build_method
+from lrk.measure import FlopCount, count_flops, count_params, paired_min, profiled_peak_mb
 from lrk.models import MultiHeadSelfAttention
 
 SHAPES = {"edge": (64, 65, 128, 4), "tiny": (32, 197, 192, 3)}  # batch, tokens, dim, heads
@@ -85,10 +88,10 @@ def measure(dense: nn.Module, module: nn.Module, x: torch.Tensor, repeats: int) 
     f_var, f_dense = paired_min(lambda: infer(module, x), lambda: infer(dense, x), repeats)
     dense.train()
     module.train()
-    m_dense = peak_memory_mb(lambda: train_step(dense, xg))
-    m_var = peak_memory_mb(lambda: train_step(module, xg))
-    p_dense = sum(p.numel() for p in dense.parameters())
-    p_var = sum(p.numel() for p in module.parameters())
+    m_dense = profiled_peak_mb(lambda: train_step(dense, xg))
+    m_var = profiled_peak_mb(lambda: train_step(module, xg))
+    p_dense, p_var = count_params(dense), count_params(module)
+    flops_dense, flops = image_flops(dense, x), image_flops(module, x)
     return {
         "dense_step_s": t_dense,
         "step_s": t_var,
@@ -98,7 +101,35 @@ def measure(dense: nn.Module, module: nn.Module, x: torch.Tensor, repeats: int) 
         "peak_mb": m_var,
         "mem_ratio": m_var / m_dense,
         "params_ratio": p_var / p_dense,
+        "flops": flops.total,
+        "flops_attention": flops.attention,
+        "flops_factorization": flops.factorization,
+        "flops_ratio": flops.total / flops_dense.total,
     }
+
+
+def image_flops(module: nn.Module, x: torch.Tensor) -> FlopCount:
+    """FLOPs per image of one inference forward on the batch ``x`` (lrk.measure: T x T products and the
+    factorizations done inside the forward included; per-batch factorizations are paid at this batch size)."""
+    return count_flops(module, x).per_image()
+
+
+def flop_table(dense: FlopCount, rows: list[dict]) -> Table:
+    table = Table(
+        "variant", "MFLOPs / image", "attention", "factorization", "rest", "x dense",
+        title="FLOPs per image of one forward (2 per multiply-add; elementwise, softmax and norms not counted; "
+        "'attention' = inside F.scaled_dot_product_attention, T x T products by explicit matmuls fall in 'rest')",
+    )  # fmt: skip
+    figures = [("dense", dense.total, dense.attention, dense.factorization)]
+    figures += [(r["variant"], r["flops"], r["flops_attention"], r["flops_factorization"]) for r in rows]
+    for label, total, attention, factorization in figures:
+        rest = total - attention - factorization
+        table.add_row(
+            label,
+            *(f"{v / 1e6:.2f}" for v in (total, attention, factorization, rest)),
+            f"{total / dense.total:.2f}x",
+        )
+    return table
 
 
 def main() -> None:
@@ -122,12 +153,12 @@ def main() -> None:
     x = spectral_tokens(batch, tokens, dim, seed=1)
     calibration = [spectral_tokens(batch, tokens, dim, seed=2 + i) for i in range(2)]
     console = Console(width=150)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     console.print(
         f"attention variants vs dense: B={batch}, T={tokens}, d={dim}, {heads} heads, {args.threads} thread(s), "
         f"min of {args.repeats} repeats; shared CPU, load average {load:.2f} (noisy)"
     )
-    table = Table("variant", "rank", "rel err", "fwd+bwd", "fwd", "peak mem", "params", "step (ms)")
+    table = Table("variant", "rank", "rel err", "fwd+bwd", "fwd", "peak mem", "params", "FLOPs", "step (ms)")
     rows = []
     for label, cfg in VARIANTS:
         if args.only and label.split()[0] not in args.only and label not in args.only:
@@ -143,10 +174,20 @@ def main() -> None:
             f"{result['fwd_ratio']:.2f}x",
             f"{result['mem_ratio']:.2f}x",
             f"{result['params_ratio']:.2f}x",
+            f"{result['flops_ratio']:.2f}x",
             f"{1000 * result['step_s']:.1f} (dense {1000 * result['dense_step_s']:.1f})",
         )
     console.print(table)
-    print(json.dumps({"benchmark": "attention_variants", "shape": args.shape, "load": load, "rows": rows}))
+    dense_flops = image_flops(dense.attn, x)
+    console.print(flop_table(dense_flops, rows))
+    dense_row = {
+        "flops": dense_flops.total,
+        "flops_attention": dense_flops.attention,
+        "flops_factorization": dense_flops.factorization,
+    }
+    print(json.dumps({
+        "benchmark": "attention_variants", "shape": args.shape, "load": load, "dense": dense_row, "rows": rows,
+    }))  # fmt: skip
 
 
 if __name__ == "__main__":

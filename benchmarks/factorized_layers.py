@@ -2,7 +2,7 @@
 
 For each method (svd, tucker, cp, tt, trawl) at 2x parameter compression (``ratio=0.5``, the shared rank
 policy), on single ResNet-18 / ViT-S layers and on the whole models (default targets of each method), it
-reports: decomposition time (s), params, FLOPs (``torch.utils.flop_counter``, batch 1) and CPU latency at
+reports: decomposition time (s), params, FLOPs (``lrk.measure.count_flops``, batch 1) and CPU latency at
 batch 1 and batch 64, each as a ratio to the dense layer/model measured in the same process. Latencies
 are the minimum over repeats, dense and factorized timed alternately so that a ratio compares the same
 stretch of machine load (the machine is shared: the load average is printed; treat single figures as
@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import time
 from collections.abc import Callable
 
 import torch
@@ -39,7 +38,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from lrk.decomp import build_method, count_flops, count_params
+from lrk.decomp import build_method
+from lrk.measure import Stopwatch, alternating_latency, count_flops, count_params
 
 METHODS = ["svd", "tucker", "cp", "tt", "trawl"]
 RESNET_LAYERS = ["layer2.1.conv1", "layer4.1.conv2", "layer4.0.downsample.0"]
@@ -107,22 +107,11 @@ def build_model(name: str, image: int) -> tuple[nn.Module, str]:
         return _StandInViT(image).eval(), "stand-in"
 
 
-def _time(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def paired_latency(dense: nn.Module, other: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Minimum seconds per forward of each, timed alternately after one warm-up each."""
     with torch.inference_mode():
-        dense(x)
-        other(x)
-        t_dense, t_other = [], []
-        for _ in range(repeats):
-            t_dense.append(_time(lambda: dense(x)))
-            t_other.append(_time(lambda: other(x)))
-    return min(t_dense), min(t_other)
+        stats = alternating_latency({"dense": lambda: dense(x), "other": lambda: other(x)}, repeats, warmup=1)
+    return stats["dense"].min_s, stats["other"].min_s
 
 
 def layer_inputs(model: nn.Module, names: list[str], image: int) -> dict[str, tuple[int, ...]]:
@@ -160,7 +149,7 @@ def measure(
     out = {
         "decompose_s": seconds,
         "params": count_params(other) / count_params(dense),
-        "flops": count_flops(other, example(1)) / count_flops(dense, example(1)),
+        "flops": count_flops(other, example(1)).total / count_flops(dense, example(1)).total,
         "rel_error": metrics.get("decomp/rel_error_mean", float("nan")),
         "rank_mean": metrics.get("decomp/rank_mean", float("nan")),
     }
@@ -173,9 +162,9 @@ def measure(
 
 def decompose_with(cfg: dict) -> Callable[[nn.Module], tuple[nn.Module, float, dict]]:
     def build(module: nn.Module) -> tuple[nn.Module, float, dict]:
-        start = time.perf_counter()
-        report = build_method(cfg).apply(module)
-        return module, time.perf_counter() - start, report.metrics()
+        with Stopwatch() as watch:
+            report = build_method(cfg).apply(module)
+        return module, watch.seconds, report.metrics()
 
     return build
 
@@ -282,9 +271,9 @@ def main() -> None:
                 def build(module: nn.Module, cfg=cfg) -> tuple[nn.Module, float, dict]:
                     wrapper = nn.Module()
                     wrapper.layer = module
-                    start = time.perf_counter()
-                    report = build_method(cfg).apply(wrapper)
-                    return wrapper.layer, time.perf_counter() - start, report.metrics()
+                    with Stopwatch() as watch:
+                        report = build_method(cfg).apply(wrapper)
+                    return wrapper.layer, watch.seconds, report.metrics()
 
                 row.update(measure(dense, build, example, batches, args.repeats))
                 results["layers"].append(row)

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
-from _common import infer, paired_min, peak_memory_mb, spectral_tokens, train_step
+from _common import infer, load_average, spectral_tokens, train_step
 from rich.console import Console
 from rich.table import Table
 
 from lrk.layers.attention.sdrm import SDRMAttention
+from lrk.measure import paired_min, profiled_peak_mb
 from lrk.models import MultiHeadSelfAttention
 
 DIM, HEADS, TOKENS = 384, 6, 197
@@ -70,8 +70,8 @@ def measure(
     f_sdrm, f_dense = paired_min(lambda: infer(sdrm, x), lambda: infer(dense, x), repeats)
     dense.train()
     sdrm.train()
-    m_dense = peak_memory_mb(lambda: train_step(dense, xg))
-    m_sdrm = peak_memory_mb(lambda: train_step(sdrm, xg))
+    m_dense = profiled_peak_mb(lambda: train_step(dense, xg))
+    m_sdrm = profiled_peak_mb(lambda: train_step(sdrm, xg))
     return {
         "rank": rank,
         "energy": energy,
@@ -117,7 +117,7 @@ def main() -> None:
         variants.append(("batch", "adamatrix", "auto"))
     variants += [("calibrated", "-", "qkv"), ("calibrated", "-", "auto")]
     console = Console(width=140)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     console.print(
         f"SDRM vs dense attention: B={args.batch}, T={TOKENS}, d={DIM}, {HEADS} heads, svd_batch_size="
         f"{args.svd_batch_size}, {args.threads} thread(s), min of {args.repeats} repeats; shared CPU, "

@@ -6,7 +6,7 @@ batch 64, the real images: their token spectra decide SDRM's rank) side by side 
 same batches, so that the ratios to NRR are measured under the same load:
 
 - ``train step``: forward + backward of the whole model on one training batch (cross-entropy loss);
-- ``MHA``: seconds inside the attention modules during that step (forward hooks on every AttentionBase);
+- ``MHA``: seconds inside the attention modules during that step (``lrk.measure.ModuleTimer`` on every AttentionBase);
 - ``RR``: SDRM's t-SVD seconds inside that step (``module.stats.rr_seconds``, part of MHA); TRAWL's and the weight
   methods' decomposition is a one-off in ``apply`` and is given as ``apply s``;
 - ``Val``: one inference forward (eval, no_grad) of a validation batch.
@@ -23,13 +23,11 @@ import argparse
 import copy
 import json
 import math
-import os
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import CONF, decomp_config
+from _common import CONF, decomp_config, load_average
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -38,6 +36,7 @@ from torch import nn
 from lrk.data import build_datamodule
 from lrk.decomp import build_method
 from lrk.decomp.attention.sdrm import sdrm_modules
+from lrk.measure import ModuleTimer, Stopwatch, time_call
 from lrk.models import AttentionBase, build_backbone
 
 VARIANTS: list[tuple[str, dict[str, Any] | None]] = [
@@ -47,24 +46,6 @@ VARIANTS: list[tuple[str, dict[str, Any] | None]] = [
     ("SDRM calibrated phi=0.9", {"name": "sdrm", "energy": 0.9, "subspace": "calibrated"}),
     ("TRAWL", {"name": "trawl"}),
 ]
-
-
-class AttentionClock:
-    """Sums the wall time of every attention module's forward (pre/post forward hooks)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.seconds = 0.0
-        self._start: dict[int, float] = {}
-        for module in model.modules():
-            if isinstance(module, AttentionBase):
-                module.register_forward_pre_hook(self._pre)
-                module.register_forward_hook(self._post)
-
-    def _pre(self, module: nn.Module, args: Any) -> None:
-        self._start[id(module)] = time.perf_counter()
-
-    def _post(self, module: nn.Module, args: Any, out: Any) -> None:
-        self.seconds += time.perf_counter() - self._start.pop(id(module))
 
 
 def load_data(batch_size: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, Any]:
@@ -89,30 +70,28 @@ def build_variants(dm: Any, calibration: list[torch.Tensor]) -> dict[str, tuple[
     models = {}
     for label, cfg in VARIANTS:
         model = copy.deepcopy(dense)
-        start = time.perf_counter()
-        if cfg is not None:
-            build_method(decomp_config(cfg)).apply(model, calibration)
-        models[label] = (model, time.perf_counter() - start)
+        with Stopwatch() as watch:
+            if cfg is not None:
+                build_method(decomp_config(cfg)).apply(model, calibration)
+        models[label] = (model, watch.seconds)
     return models
 
 
 def step(
-    model: nn.Module, clock: AttentionClock, images: torch.Tensor, labels: torch.Tensor
+    model: nn.Module, mha: ModuleTimer, images: torch.Tensor, labels: torch.Tensor
 ) -> tuple[float, float]:
+    """Seconds of one training step and the part of it inside the attention modules' forwards."""
     model.train()
     model.zero_grad(set_to_none=True)
-    clock.seconds = 0.0
-    start = time.perf_counter()
-    F.cross_entropy(model(images), labels).backward()
-    return time.perf_counter() - start, clock.seconds
+    mha.reset()
+    seconds = time_call(lambda: F.cross_entropy(model(images), labels).backward())
+    return seconds, mha.seconds
 
 
 def validate(model: nn.Module, images: torch.Tensor) -> float:
     model.eval()
-    start = time.perf_counter()
     with torch.no_grad():
-        model(images)
-    return time.perf_counter() - start
+        return time_call(lambda: model(images))
 
 
 def main() -> None:
@@ -132,7 +111,10 @@ def main() -> None:
     train, val_images, dm = load_data(args.batch)
     images, labels = train[0]
     models = build_variants(dm, [images])
-    clocks = {label: AttentionClock(model) for label, (model, _) in models.items()}
+    clocks = {
+        label: ModuleTimer(m for m in model.modules() if isinstance(m, AttentionBase))
+        for label, (model, _) in models.items()
+    }
     best: dict[str, dict[str, float]] = {label: {"step": math.inf, "val": math.inf} for label in models}
     for _ in range(args.repeats + 1):  # the first round warms up
         for label, (model, _) in models.items():
@@ -144,7 +126,7 @@ def main() -> None:
                 best[label].update(step=step_s, mha=mha_s, rr=rr_s)
             best[label]["val"] = min(best[label]["val"], validate(model, val_images))
     base = best["NRR"]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     console = Console(width=150)
     console.print(
         f"SDRM paper phases, vit_edge on elpv 64 px, batch {args.batch}, {args.threads} thread(s), min of "

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import time
 from collections.abc import Callable
 
 import torch
@@ -43,6 +42,7 @@ from lrk.linalg.adamatrix import adamatrix
 from lrk.linalg.rank import energy_rank
 from lrk.linalg.svd_solvers import truncated_svd
 from lrk.linalg.tsvd import TruncatedSVD, gram_svd, optimal_rank_error
+from lrk.measure import Stopwatch, alternating_latency
 
 SHAPES = [(12608, 192), (50432, 384), (200704, 768)]
 PHI = 0.9
@@ -67,14 +67,9 @@ def best_time(
     fn: Callable[[], TruncatedSVD], floor: Callable[[], object], repeats: int
 ) -> tuple[float, float, TruncatedSVD]:
     """Minimum time of ``fn`` and of the floor, measured alternately (the same stretch of machine load)."""
-    result = fn()  # warm-up
-    times, floors = [], []
-    for _ in range(repeats):
-        floors.append(_timeit(floor))
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), min(floors), result
+    results: list[TruncatedSVD] = []
+    stats = alternating_latency({"fn": lambda: results.append(fn()), "floor": floor}, repeats, warmup=1)
+    return stats["fn"].min_s, stats["floor"].min_s, results[-1]
 
 
 def bench_shape(m: int, n: int, repeats: int, console: Console) -> list[dict]:
@@ -148,12 +143,6 @@ def _start_ratio(Y: torch.Tensor, V: torch.Tensor, opt: float) -> float:
     return math.sqrt(max(1 - float((Z.double() ** 2).sum()) / total, 0.0)) / opt
 
 
-def _timeit(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def ablation(console: Console, steps: int) -> list[dict]:
     """Iterations to reach 1 % of the optimum for the paper's AdaMatrix and each change (3 seeds)."""
     rows = []
@@ -186,10 +175,10 @@ def ablation(console: Console, steps: int) -> list[dict]:
                 opts["oversample"] = r // 4
             paper = opts.get("variant") == "paper"
             gen = torch.Generator().manual_seed(seed)
-            t0 = time.perf_counter()
-            res = adamatrix(Y, rank=r, target_error=1.01 * opt, tol=0.0, max_iter=steps if paper else 300,
-                            generator=gen, **opts)  # fmt: skip
-            secs.append(time.perf_counter() - t0)
+            with Stopwatch() as watch:
+                res = adamatrix(Y, rank=r, target_error=1.01 * opt, tol=0.0, max_iter=steps if paper else 300,
+                                generator=gen, **opts)  # fmt: skip
+            secs.append(watch.seconds)
             its.append(res.iterations if res.converged else None)
             ratios.append(res.rel_error / opt)
             if not paper:

@@ -6,10 +6,11 @@ sends it to every logger of the trainer. Names follow the metric table of design
 
 from __future__ import annotations
 
+import copy
 import logging
-import resource
-import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -17,10 +18,37 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.data import IterableDataset
 
-MIB = 2**20
+from lrk.measure import (
+    ModuleTimer,
+    clock,
+    count_flops,
+    count_params,
+    measure_inference,
+    module_size_mb,
+    needs_sync,
+    peak_memory_mb,
+    reset_peak_memory,
+)
+
 log = logging.getLogger(__name__)
+
+#: the name lrk.train and lrk.lit import (the count itself lives in lrk.measure)
+count_parameters = count_params
+
+__all__ = [
+    "EpochLog",
+    "InferenceBenchmark",
+    "MeasurementCallback",
+    "ModelStats",
+    "PeakMemory",
+    "PhaseTimer",
+    "count_parameters",
+    "log_to_loggers",
+    "measure_inference",
+    "peak_memory_mb",
+]
 
 
 def log_to_loggers(trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -42,36 +70,26 @@ class MeasurementCallback(Callback):
         log_to_loggers(trainer, metrics)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Parameters of the built module (shared parameters counted once)."""
-    return sum(p.numel() for p in module.parameters())
-
-
-def module_size_mb(module: nn.Module) -> float:
-    """Bytes of parameters and buffers, in MiB."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors) / MIB
-
-
-def forward_flops(module: nn.Module, example: torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``example`` (torch.utils.flop_counter; a multiply-add counts 2)."""
-    was_training = module.training
-    module.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            module(example)
-    finally:
-        module.train(was_training)
-    return int(counter.get_total_flops())
-
-
 class ModelStats(MeasurementCallback):
-    """``model/params``, ``model/params_dense``, ``model/compression``, ``model/flops`` (per image),
-    ``model/size_mb``, counted from the built modules at the start of the fit.
+    """Size and cost of the model, counted from the built modules at the start of the fit (or of a test-only
+    run); every figure comes from :mod:`lrk.measure`:
 
-    ``model/params_dense`` comes from ``pl_module.params_dense`` when the run decomposed the model
-    (set by ``lrk.train``); otherwise it equals ``model/params``.
+    - ``model/params``: parameters (a tensor shared by several modules once); ``model/params_dense``: those of
+      the dense model before decomposition (``pl_module.params_dense``, set by ``lrk.train``), else
+      ``model/params``; ``model/compression`` = ``params_dense / params``;
+    - ``model/size_mb``: bytes of parameters and buffers / 2^20;
+    - ``model/flops``: FLOPs of one forward per image (eval mode, no gradients, 2 per multiply-add) of matrix
+      products, convolutions, the attention products Q K^T and A V, and the factorizations inside the forward;
+      not counted: elementwise ops, softmax, norms, activations, pooling (:mod:`lrk.measure.flops`);
+    - ``model/flops_attention``: the part of ``model/flops`` inside ``F.scaled_dot_product_attention`` (a
+      method computing its T x T products by explicit matmuls has them in ``model/flops`` only);
+    - ``model/flops_factorization``: the part from eigh / SVD / QR / Cholesky / LU inside the forward, e.g.
+      SDRM's t-SVD of every batch.
+
+    Methods that factorize per batch pay by the batch, so the count runs on a real batch of the run: the
+    first ``data.batch_size`` images of the datamodule's val split (train when it has none), divided by the
+    number of images. Without a loader it falls back to one zero image (``in_chans`` x ``image_size``^2).
+    The counting forward leaves the attention modules' run statistics (``module.stats``) as they were.
     """
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -84,7 +102,7 @@ class ModelStats(MeasurementCallback):
     @staticmethod
     def measure(pl_module: L.LightningModule, datamodule: Any) -> dict[str, float]:
         model = pl_module.model
-        params = count_parameters(model)
+        params = count_params(model)
         params_dense = getattr(pl_module, "params_dense", None) or params
         metrics = {
             "model/params": float(params),
@@ -92,18 +110,72 @@ class ModelStats(MeasurementCallback):
             "model/compression": params_dense / params,
             "model/size_mb": module_size_mb(model),
         }
-        if datamodule is not None and hasattr(datamodule, "in_chans"):
+        example = example_batch(datamodule)
+        if example is None and datamodule is not None and hasattr(datamodule, "in_chans"):
             example = torch.zeros(1, datamodule.in_chans, datamodule.image_size, datamodule.image_size)
-            example = example.to(pl_module.device)
-            metrics["model/flops"] = float(forward_flops(model, example))
+        if example is not None:
+            with _module_stats_kept(model):
+                flops = count_flops(model, example.to(pl_module.device)).per_image()
+            metrics["model/flops"] = flops.total
+            metrics["model/flops_attention"] = flops.attention
+            metrics["model/flops_factorization"] = flops.factorization
         return metrics
+
+
+def example_batch(datamodule: Any) -> torch.Tensor | None:
+    """The first ``datamodule.batch_size`` images of its val loader (else train loader), collated from the
+    dataset without starting the loader's workers; None when the datamodule has no usable loader."""
+    if datamodule is None:
+        return None
+    limit = getattr(datamodule, "batch_size", None)
+    for name in ("val_dataloader", "train_dataloader"):
+        make = getattr(datamodule, name, None)
+        if make is None:
+            continue
+        try:
+            images = _first_images(make(), limit)
+        except Exception as err:  # not set up, not implemented, empty: try the next split
+            log.debug("ModelStats: no example batch from %s (%s)", name, err)
+            continue
+        if images is not None:
+            return images
+    return None
+
+
+def _first_images(loader: Any, limit: int | None) -> torch.Tensor | None:
+    dataset = getattr(loader, "dataset", None)
+    collate = getattr(loader, "collate_fn", None)
+    size = limit or getattr(loader, "batch_size", None) or 1
+    if dataset is not None and collate is not None and not isinstance(dataset, IterableDataset):
+        n = min(len(dataset), size)
+        if n == 0:
+            return None
+        batch = collate([dataset[i] for i in range(n)])
+    else:
+        batch = next(iter(loader), None)
+    if batch is None:
+        return None
+    images = batch[0] if isinstance(batch, list | tuple) else batch
+    return images[:size] if isinstance(images, torch.Tensor) and images.dim() > 0 else None
+
+
+@contextmanager
+def _module_stats_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every module's ``stats`` (run statistics of the attention modules) after the block."""
+    saved = [(m, copy.deepcopy(m.stats)) for m in model.modules() if getattr(m, "stats", None) is not None]
+    try:
+        yield
+    finally:
+        for module, stats in saved:
+            module.stats = stats
 
 
 class PhaseTimer(MeasurementCallback):
     """Wall time of the fit's phases: ``time/train_s`` (training steps, validation excluded),
     ``time/val_s`` (validation loops), ``time/epoch_s`` (mean wall time of one epoch, train + val),
     ``time/fit_s`` (the whole fit) and ``time/mha_s``: forward time inside attention modules during
-    the fit (training and validation steps), from hooks on every module of ``attention_class``.
+    the fit (training and validation steps), from a :class:`lrk.measure.ModuleTimer` on every module of
+    ``attention_class`` (a nested attention module is timed once, inside the outer one).
 
     On CUDA the hooks and phase boundaries synchronize the device so the times are real.
     """
@@ -111,19 +183,26 @@ class PhaseTimer(MeasurementCallback):
     def __init__(self, attention_class: str | None = "lrk.models.AttentionBase") -> None:
         super().__init__()
         self.attention_class = attention_class
-        self._handles: list[Any] = []
+        self._mha: ModuleTimer | None = None
+        self._mha_before = 0.0  # attention seconds of an interrupted fit this one resumes
         self._sync = False
-        self.train_s = self.val_s = self.mha_s = 0.0
+        self.train_s = self.val_s = 0.0
         self.epochs = 0
         self._epoch_start = self._val_start = self._fit_start = 0.0
         self._val_in_epoch = 0.0
-        self._mha_depth = 0
-        self._mha_start = 0.0
+
+    @property
+    def mha_s(self) -> float:
+        return self._mha_before + (self._mha.seconds if self._mha is not None else 0.0)
+
+    @mha_s.setter
+    def mha_s(self, seconds: float) -> None:
+        self._mha_before = seconds
+        if self._mha is not None:
+            self._mha.reset()
 
     def _now(self) -> float:
-        if self._sync:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        return clock(self._sync)
 
     def _attention_modules(self, model: nn.Module) -> list[nn.Module]:
         if not self.attention_class:
@@ -134,22 +213,13 @@ class PhaseTimer(MeasurementCallback):
             return []
         return [m for m in model.modules() if isinstance(m, cls)]
 
-    def _pre_hook(self, module: nn.Module, args: Any) -> None:
-        if self._mha_depth == 0:
-            self._mha_start = self._now()
-        self._mha_depth += 1  # nested attention modules are timed once
-
-    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._mha_depth -= 1
-        if self._mha_depth == 0:
-            self.mha_s += self._now() - self._mha_start
-
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sync = pl_module.device.type == "cuda"
+        self._sync = needs_sync(pl_module.device)
         self._fit_start = self._now()
-        for module in self._attention_modules(pl_module):
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
-            self._handles.append(module.register_forward_hook(self._post_hook))
+        self._remove_hooks()
+        before = self.mha_s
+        self._mha = ModuleTimer(self._attention_modules(pl_module), sync=self._sync)
+        self._mha_before = before
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._now()
@@ -190,9 +260,8 @@ class PhaseTimer(MeasurementCallback):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        if self._mha is not None:
+            self._mha.remove()
 
     def state_dict(self) -> dict[str, float]:
         # a resumed fit continues the totals of the interrupted one
@@ -205,21 +274,12 @@ class PhaseTimer(MeasurementCallback):
         self.epochs = int(state_dict["epochs"])
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max memory allocated on ``device``. CPU: the process's peak resident set size
-    (it includes the Python runtime and the cached dataset, which every run of a dataset shares)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MIB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
 class PeakMemory(MeasurementCallback):
-    """``mem/peak_mb``: peak device memory of the fit (see :func:`peak_memory_mb`)."""
+    """``mem/peak_mb``: peak device memory of the fit (:func:`lrk.measure.peak_memory_mb`: CUDA max allocated
+    since the fit started, or the process's peak RSS on the CPU)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        reset_peak_memory(pl_module.device)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._publish(trainer, {"mem/peak_mb": peak_memory_mb(pl_module.device)})
@@ -230,7 +290,8 @@ class PeakMemory(MeasurementCallback):
 
 class InferenceBenchmark(MeasurementCallback):
     """``time/infer_ms`` (mean latency of one test batch) and ``time/throughput_ips`` (images/s),
-    timed after the test loop on up to ``max_batches`` test batches in eval mode, after warm-up."""
+    timed after the test loop on up to ``max_batches`` test batches in eval mode, after warm-up
+    (:func:`lrk.measure.measure_inference`)."""
 
     def __init__(self, max_batches: int = 20, warmup_batches: int = 2) -> None:
         super().__init__()
@@ -255,42 +316,6 @@ class InferenceBenchmark(MeasurementCallback):
         metrics = measure_inference(pl_module, loader, max_batches, warmup)
         if metrics:
             self._publish(trainer, metrics)
-
-
-@torch.inference_mode()
-def measure_inference(
-    model: nn.Module, loader: Any, max_batches: int = 20, warmup_batches: int = 2
-) -> dict[str, float]:
-    """Mean forward latency per batch (ms) and throughput (images/s) over the loader's first batches."""
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    was_training = model.training
-    model.eval()
-    images_seen, elapsed, batches, seen = 0, 0.0, 0, 0
-    try:
-        # a short test split is passed over again until warm-up and timed batches are done
-        for _ in range(warmup_batches + max_batches):
-            for images, _labels in loader:
-                if batches >= max_batches:
-                    break
-                images = images.to(device, non_blocking=True)
-                sync()
-                start = time.perf_counter()
-                model(images)
-                sync()
-                seen += 1
-                if seen <= warmup_batches:
-                    continue
-                elapsed += time.perf_counter() - start
-                images_seen += images.shape[0]
-                batches += 1
-            if batches >= max_batches or seen == 0:
-                break
-    finally:
-        model.train(was_training)
-    if batches == 0:
-        return {}
-    return {"time/infer_ms": 1000.0 * elapsed / batches, "time/throughput_ips": images_seen / elapsed}
 
 
 class EpochLog(Callback):

@@ -6,6 +6,7 @@ from torch import nn
 
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase, AttentionT
+from lrk.measure import count_params
 
 
 def attention_modules(
@@ -36,6 +37,5 @@ def replace_module(model: nn.Module, qualified_name: str, new_module: nn.Module)
     return old  # type: ignore[return-value]
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of the built ``model`` (shared tensors counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+#: number of parameters of the built model (shared tensors once): :func:`lrk.measure.count_params`
+count_parameters = count_params
