@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -60,40 +59,3 @@ def check_model_config(cfg: DictConfig) -> None:
         )
     if cfg.optimized_metric is None or not str(cfg.optimized_metric).strip():
         raise LrkConfigError("optimized_metric is empty: name a logged metric, e.g. val/bal_acc or val/acc")
-
-
-def resolve_checkpoint(value: str | None, runs_dir: Path, current_run: Path | None = None) -> Path | None:
-    """Turn ``ckpt_path`` into a checkpoint file.
-
-    Accepts a ``.ckpt`` file, a run dir (its ``checkpoints/last.ckpt``), or ``last``: the newest
-    ``runs_dir/*/checkpoints/last.ckpt`` other than the current run's.
-    """
-    if value is None or str(value).strip() == "":
-        return None
-    if str(value) == "last":
-        found = [
-            path
-            for path in Path(runs_dir).glob("*/checkpoints/last.ckpt")
-            if current_run is None or path.parents[1].resolve() != Path(current_run).resolve()
-        ]
-        if not found:
-            raise LrkConfigError(
-                f"ckpt_path=last found no checkpoints/last.ckpt under {runs_dir}: give a .ckpt file or a run dir"
-            )
-        return max(found, key=lambda path: path.stat().st_mtime)
-    path = Path(str(value)).expanduser()
-    if path.is_dir():
-        last = path / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return last
-        ckpts = sorted(p.name for p in path.rglob("*.ckpt"))
-        raise LrkConfigError(
-            f"ckpt_path={value} is a directory without checkpoints/last.ckpt"
-            + (f"; checkpoints there: {', '.join(ckpts[:5])}" if ckpts else "")
-        )
-    if not path.is_file():
-        raise LrkConfigError(
-            f"ckpt_path={value} does not exist: give a .ckpt file, a run dir holding checkpoints/last.ckpt, "
-            "or 'last'"
-        )
-    return path

@@ -1,7 +1,8 @@
 """The one place that wires data, model, decomposition, Lightning and loggers.
 
-``run(cfg)`` trains and tests one point of the grid dataset x backbone x decomposition and returns
-the metrics dict; it always leaves ``<run dir>/summary.json``, also when the run fails.
+``run(cfg)`` builds the objects of one point of the grid dataset x backbone x decomposition, runs the schedule of
+its stages (:mod:`lrk.pipeline.schedules`: ``stage=init``, ``stage=post``, a restored checkpoint) and returns the
+metrics dict; it always leaves ``<run dir>/summary.json``, also when the run fails.
 """
 
 from __future__ import annotations
@@ -13,26 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lrk.config import check_model_config, resolve_checkpoint
+from lrk.config import check_model_config
 from lrk.data import build_datamodule
-from lrk.decomp import DecompReport, build_method
+from lrk.decomp import build_method
 from lrk.errors import LrkConfigError
-from lrk.lit.callbacks import MeasurementCallback, count_parameters, log_to_loggers
+from lrk.lit.callbacks import MeasurementCallback, log_to_loggers
 from lrk.lit.module import LitClassifier
+from lrk.measure import count_params
 from lrk.models import build_backbone
-from lrk.pipeline.structure import (
-    StructureCheckpoint,
-    find_checkpoint,
-    load_checkpoint,
-    read_structure,
-    restore_model,
-)
+from lrk.pipeline.checkpoints import resolve_checkpoint, restore_for_test
+from lrk.pipeline.schedules import run_schedule
+from lrk.pipeline.stages import RunState
 from lrk.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -79,11 +76,18 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
         "split_sizes": dict(datamodule.split_sizes),
         "stats": dict(datamodule.stats),
     }
-    # train=false on a checkpoint that carries its structure: test its (compressed) model as it was saved
-    ckpt_path, restored = _restore_saved_model(cfg, ckpt_path, datamodule, summary)
-    if restored:
-        model, payload = restored
-        params_dense = payload.get("params_dense") or count_parameters(model)
+    model, payload = None, None
+    if not cfg.train and ckpt_path is not None:
+        # train=false on a checkpoint that carries its structure: test its (compressed) model as it was saved
+        facts = {"num_classes": datamodule.num_classes, "in_chans": datamodule.in_chans}
+        facts.update(image_size=datamodule.image_size, classes=datamodule.class_names)
+        ckpt_path, model, payload = restore_for_test(str(cfg.ckpt_path), ckpt_path, cfg.decomp.name, facts)
+    if payload is not None:
+        summary.extra["restored_from"] = {
+            "checkpoint": str(ckpt_path),
+            "lrk_version": payload.get("lrk_version"),
+            "model_class": payload.get("model_class"),
+        }
     else:
         model = build_backbone(
             cfg.backbone,
@@ -91,7 +95,6 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
             in_chans=datamodule.in_chans,
             image_size=datamodule.image_size,
         )
-        params_dense = count_parameters(model)
     method = build_method(cfg.decomp)
     lit = LitClassifier(
         model,
@@ -105,137 +108,33 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
         min_lr=cfg.model.min_lr,
         label_smoothing=cfg.model.label_smoothing,
     )
-    lit.params_dense = params_dense
-    metrics: dict[str, float] = {}
+    lit.params_dense = (payload or {}).get("params_dense") or count_params(model)
+    state = RunState(
+        cfg=cfg,
+        run_dir=run_dir,
+        runs_dir=runs_dir,
+        datamodule=datamodule,
+        model=model,
+        lit=lit,
+        method=method,
+        summary=summary,
+        ckpt_path=ckpt_path,
+        loggers=_instantiate_group(cfg, "logger"),
+        callbacks=_instantiate_callbacks(cfg),
+        restored=payload,
+    )
+    run_schedule(state)
 
-    if restored:
-        # the checkpoint holds the decomposed model already: the original run's report rows, nothing applied
-        report = DecompReport(
-            payload.get("decomp_method") or "none", list(payload.get("decomp_layers") or [])
-        )
-    elif method.stage == "init":
-        # factorize first, then train the factorized model from its initialisation
-        report = method.apply(model, datamodule.calibration_batches(_calibration_count(cfg)))
-    else:
-        # stage=post: train (or load) the dense model, decompose it, then fine-tune
-        if method.ckpt_path:
-            dense_ckpt = resolve_checkpoint(method.ckpt_path, runs_dir, run_dir)
-            _load_lit_weights(lit, dense_ckpt)
-        elif cfg.train:
-            dense_trainer = _make_trainer(cfg, run_dir / "dense", loggers=[])
-            dense_trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
-            ckpt_path = None
-        metrics.update(_prefixed(_evaluate(cfg, lit, datamodule), "dense/"))
-        report = method.apply(model, datamodule.calibration_batches(_calibration_count(cfg)))
-    summary.decomp_layers = list(report.rows)
-    lit.decomp_method, lit.decomp_layers = report.method, list(report.rows)  # kept in the checkpoints
-    metrics.update(report.metrics())
-
-    callbacks = _instantiate_callbacks(cfg)
-    loggers = _instantiate_loggers(cfg)
-    overrides = {"max_epochs": method.finetune_epochs} if method.stage == "post" else {}
-    trainer = _make_trainer(cfg, run_dir, loggers, callbacks, **overrides)
-    for logger in loggers:
-        logger.log_hyperparams(_flatten(summary.config))
-    log_to_loggers(trainer, report.metrics())
-
-    # stage=post with finetune_epochs=0 only tests the decomposed model
-    fits = bool(cfg.train) and trainer.max_epochs != 0
-    if fits:
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
-        metrics.update(_scalars(trainer.callback_metrics))
-        # work the method does inside the fit's forwards, e.g. SDRM's t-SVD (time/rr_s)
-        metrics.update(method.runtime_metrics(model))
-    if cfg.test:
-        test_ckpt = _best_checkpoint(trainer) if fits else (None if cfg.train else ckpt_path)
-        trainer.test(lit, datamodule=datamodule, ckpt_path=test_ckpt)
-        metrics.update(_scalars(trainer.callback_metrics))
-        summary.extra["test_confusion_matrix"] = lit.test_confusion
-        summary.extra["tested_checkpoint"] = str(test_ckpt) if test_ckpt else None
+    metrics = state.metrics
+    trainer = state.main_trainer()
     for callback in trainer.callbacks:
         if isinstance(callback, MeasurementCallback):
             metrics.update(callback.metrics)
-    _write_tables(run_dir, loggers, summary, lit.class_names)
+    _write_tables(run_dir, state.loggers, summary, lit.class_names)
     log_to_loggers(trainer, {k: v for k, v in metrics.items() if k.startswith(("model/", "time/", "mem/"))})
-    if fits:
+    if state.fitted:
         _check_optimized_metric(cfg, metrics)
     return dict(sorted(metrics.items()))
-
-
-def _restore_saved_model(
-    cfg: DictConfig, ckpt_path: Path | None, datamodule: Any, summary: RunSummary
-) -> tuple[Path | None, tuple[torch.nn.Module, dict[str, Any]] | None]:
-    """``train=false`` with a checkpoint: the checkpoint to test (of a run dir: the one that run tested, see
-    ``lrk.pipeline.structure.find_checkpoint``) and, when it carries its structure, ``(model, payload)``: the
-    model restored from it (no decomposition config needed, none applied again). ``None`` instead when training
-    or for a checkpoint with weights only (written before lrk stored structures): the model is built from the
-    config as before."""
-    if cfg.train or ckpt_path is None:
-        return ckpt_path, None
-    if str(cfg.ckpt_path) != "last" and Path(str(cfg.ckpt_path)).expanduser().is_dir():
-        ckpt_path = find_checkpoint(cfg.ckpt_path)
-    checkpoint = load_checkpoint(ckpt_path)
-    payload = read_structure(checkpoint)
-    if payload is None:
-        return ckpt_path, None
-    if cfg.decomp.name != "none":
-        raise LrkConfigError(
-            f"ckpt_path={ckpt_path} already holds its model's structure "
-            f"(decomp={payload.get('decomp_method') or 'none'}): drop decomp={cfg.decomp.name}, the checkpoint is "
-            "tested as it was saved (to decompose a dense checkpoint: decomp.stage=post decomp.ckpt_path=<it>)"
-        )
-    facts = {"num_classes": datamodule.num_classes, "in_chans": datamodule.in_chans}
-    facts.update(image_size=datamodule.image_size, classes=datamodule.class_names)
-    model = restore_model(checkpoint, facts)
-    summary.extra["restored_from"] = {
-        "checkpoint": str(ckpt_path),
-        "lrk_version": payload.get("lrk_version"),
-        "model_class": payload.get("model_class"),
-    }
-    return ckpt_path, (model, payload)
-
-
-def _calibration_count(cfg: DictConfig) -> int:
-    return int(cfg.decomp.get("calibration_batches", 4))
-
-
-def _make_trainer(
-    cfg: DictConfig,
-    run_dir: Path,
-    loggers: list[Logger],
-    callbacks: list[Callback] | None = None,
-    **overrides: Any,
-) -> L.Trainer:
-    return instantiate(
-        cfg.trainer,
-        default_root_dir=str(run_dir),
-        logger=loggers or False,
-        callbacks=[*(callbacks or []), StructureCheckpoint()],  # checkpoints carry the model's structure
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
-        **overrides,
-    )
-
-
-def _evaluate(cfg: DictConfig, lit: LitClassifier, datamodule: Any) -> dict[str, float]:
-    """Test metrics of the model as it is now (no logging, no checkpoints)."""
-    trainer = _make_trainer(cfg, Path(cfg.paths.output_dir) / "dense", loggers=[])
-    trainer.test(lit, datamodule=datamodule, verbose=False)
-    return _scalars(trainer.callback_metrics)
-
-
-def _load_lit_weights(lit: LitClassifier, path: Path) -> None:
-    """Load a dense checkpoint (an lrk Lightning checkpoint or a plain state_dict) into the module."""
-    state = torch.load(path, map_location="cpu")
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not any(key.startswith("model.") for key in state):
-        state = {f"model.{key}": value for key, value in state.items()}
-    missing, unexpected = lit.load_state_dict(state, strict=False)
-    missing = [key for key in missing if key.startswith("model.")]
-    if missing or unexpected:
-        raise LrkConfigError(
-            f"decomp.ckpt_path={path} does not fit this backbone: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; it must come from a dense run of the same backbone and data"
-        )
 
 
 def _instantiate_group(cfg: DictConfig, group: str) -> list[Any]:
@@ -256,20 +155,6 @@ def _instantiate_callbacks(cfg: DictConfig) -> list[Callback]:
         # trainer.enable_progress_bar=false wins over the progress-bar callback (logs, CI)
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return callbacks
-
-
-def _instantiate_loggers(cfg: DictConfig) -> list[Logger]:
-    return _instantiate_group(cfg, "logger")
-
-
-def _best_checkpoint(trainer: L.Trainer) -> str | None:
-    """The best checkpoint of the monitored metric (the last one when nothing is monitored)."""
-    checkpoints = [
-        c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path
-    ]
-    monitored = [c for c in checkpoints if c.monitor]
-    chosen = (monitored or checkpoints)[:1]
-    return chosen[0].best_model_path if chosen else None
 
 
 def _write_tables(run_dir: Path, loggers: list[Logger], summary: RunSummary, class_names: list[str]) -> None:
@@ -309,37 +194,6 @@ def _check_optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> None:
 
 def _metric_names(value: Any) -> list[str]:
     return [str(v) for v in value] if OmegaConf.is_list(value) or isinstance(value, list) else [str(value)]
-
-
-def _first_metric(value: Any) -> str:
-    return _metric_names(value)[0]
-
-
-def _scalars(values: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                continue
-            value = value.item()
-        if isinstance(value, int | float):
-            out[key] = float(value)
-    return out
-
-
-def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    return {f"{prefix}{key}": value for key, value in metrics.items()}
-
-
-def _flatten(config: dict[str, Any], parent: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{parent}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _config_dict(cfg: DictConfig) -> dict[str, Any]:

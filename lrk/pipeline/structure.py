@@ -173,7 +173,7 @@ def find_checkpoint(run_dir_or_ckpt: str | Path) -> Path:
     A file is taken as it is. A run dir gives, in this order: the checkpoint the run tested (summary.json
     ``extra.tested_checkpoint``, also when the run dir was moved since), the newest ``checkpoints/best-*.ckpt``
     (the best epoch by ``optimized_metric``), ``checkpoints/last.ckpt`` (the last epoch). The same inputs as
-    ``ckpt_path=`` (:func:`lrk.config.resolve_checkpoint`), which for resuming prefers ``last.ckpt``.
+    ``ckpt_path=`` (:func:`lrk.pipeline.checkpoints.resolve_checkpoint`), which for resuming prefers ``last.ckpt``.
     """
     path = Path(run_dir_or_ckpt).expanduser()
     if path.is_file():

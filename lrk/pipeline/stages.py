@@ -1,0 +1,174 @@
+"""The stages a run is made of, each acting on one :class:`RunState`: train the dense model (or load it),
+evaluate it, compress it, fit (train or fine-tune), test. The schedules (:mod:`lrk.pipeline.schedules`) order them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+from torch import nn
+
+from lrk.decomp import DecompMethod, DecompReport
+from lrk.lit.callbacks import log_to_loggers
+from lrk.lit.module import LitClassifier
+from lrk.pipeline.checkpoints import best_checkpoint, load_dense_weights, resolve_checkpoint
+from lrk.pipeline.structure import StructureCheckpoint
+from lrk.summary import RunSummary
+
+
+def make_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    loggers: list[Logger] | None = None,
+    callbacks: list[Callback] | None = None,
+    **overrides: Any,
+) -> L.Trainer:
+    """A Trainer from ``cfg.trainer``; every checkpoint it writes carries the model's structure."""
+    callbacks = list(callbacks or [])
+    return instantiate(
+        cfg.trainer,
+        default_root_dir=str(run_dir),
+        logger=loggers or False,
+        callbacks=[*callbacks, StructureCheckpoint()],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        **overrides,
+    )
+
+
+def scalars(values: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of ``trainer.callback_metrics`` as floats."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, int | float):
+            out[key] = float(value)
+    return out
+
+
+@dataclass
+class RunState:
+    """What the stages of one run share. ``ckpt_path``: the checkpoint to resume (train) or test (train=false);
+    ``loggers`` / ``callbacks``: those of the main fit; ``restored``: the structure payload when the model came
+    from a checkpoint that carries its structure (then nothing is decomposed again)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    runs_dir: Path
+    datamodule: Any
+    model: nn.Module
+    lit: LitClassifier
+    method: DecompMethod
+    summary: RunSummary
+    ckpt_path: Path | None
+    loggers: list[Logger]
+    callbacks: list[Callback]
+    restored: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    report: DecompReport | None = None
+    trainer: L.Trainer | None = None
+    fitted: bool = False
+
+    def main_trainer(self) -> L.Trainer:
+        """The trainer of the main fit and test (loggers, callbacks), made once; ``stage=post`` fine-tunes for
+        ``finetune_epochs``. Its loggers get the config and the decomposition report when it is made."""
+        if self.trainer is None:
+            overrides = {"max_epochs": self.method.finetune_epochs} if self.method.stage == "post" else {}
+            self.trainer = make_trainer(self.cfg, self.run_dir, self.loggers, self.callbacks, **overrides)
+            for logger in self.loggers:
+                logger.log_hyperparams(flatten(self.summary.config))
+            if self.report is not None:
+                log_to_loggers(self.trainer, self.report.metrics())
+        return self.trainer
+
+
+Stage = Callable[[RunState], None]
+
+
+# --- the stages --------------------------------------------------------------------------------------------
+def dense_weights(state: RunState) -> None:
+    """``stage=post``: load the dense checkpoint ``decomp.ckpt_path``, or train the dense model (no loggers, into
+    ``<run dir>/dense``; it resumes from ``ckpt_path`` if given)."""
+    if state.method.ckpt_path:
+        path = resolve_checkpoint(state.method.ckpt_path, state.runs_dir, state.run_dir)
+        load_dense_weights(state.lit, path)
+    elif state.cfg.train:
+        trainer = make_trainer(state.cfg, state.run_dir / "dense")
+        trainer.fit(state.lit, datamodule=state.datamodule, ckpt_path=state.ckpt_path)
+        state.ckpt_path = None
+
+
+def evaluate_dense(state: RunState) -> None:
+    """Test metrics of the dense model as it is now, as ``dense/test/*`` (no logging, no checkpoints)."""
+    trainer = make_trainer(state.cfg, state.run_dir / "dense")
+    trainer.test(state.lit, datamodule=state.datamodule, verbose=False)
+    state.metrics.update({f"dense/{k}": v for k, v in scalars(trainer.callback_metrics).items()})
+
+
+def compress(state: RunState) -> None:
+    """``method.apply(model, calibration batches)``; the report goes to summary.json, the metrics and the
+    checkpoints (it rides in their structure payload)."""
+    count = int(state.cfg.decomp.get("calibration_batches") or 4)
+    batches = state.datamodule.calibration_batches(count)
+    record_report(state, state.method.apply(state.model, batches))
+
+
+def restored_report(state: RunState) -> None:
+    """A model restored with its structure: the report of the run that decomposed it (nothing applied again)."""
+    payload = state.restored or {}
+    report = DecompReport(payload.get("decomp_method") or "none", list(payload.get("decomp_layers") or []))
+    record_report(state, report)
+
+
+def record_report(state: RunState, report: DecompReport) -> None:
+    state.report = report
+    state.summary.decomp_layers = list(report.rows)
+    state.lit.decomp_method, state.lit.decomp_layers = report.method, list(report.rows)
+    state.metrics.update(report.metrics())
+
+
+def fit(state: RunState) -> None:
+    """Train (``stage=init``) or fine-tune (``stage=post``) with the run's loggers and callbacks; nothing with
+    ``train=false`` or ``max_epochs=0``. Adds the method's in-fit figures (e.g. SDRM's t-SVD, ``time/rr_s``)."""
+    trainer = state.main_trainer()
+    if not state.cfg.train or trainer.max_epochs == 0:
+        return
+    trainer.fit(state.lit, datamodule=state.datamodule, ckpt_path=state.ckpt_path)
+    state.fitted = True
+    state.metrics.update(scalars(trainer.callback_metrics))
+    state.metrics.update(state.method.runtime_metrics(state.model))
+
+
+def test(state: RunState) -> None:
+    """Test the best checkpoint of the fit (or, without a fit, the model as it is / ``ckpt_path``)."""
+    if not state.cfg.test:
+        return
+    trainer = state.main_trainer()
+    ckpt = best_checkpoint(trainer) if state.fitted else (None if state.cfg.train else state.ckpt_path)
+    trainer.test(state.lit, datamodule=state.datamodule, ckpt_path=ckpt)
+    state.metrics.update(scalars(trainer.callback_metrics))
+    state.summary.extra["test_confusion_matrix"] = state.lit.test_confusion
+    state.summary.extra["tested_checkpoint"] = str(ckpt) if ckpt else None
+
+
+def flatten(config: dict[str, Any], parent: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}`` (hyper-parameters for the loggers)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{parent}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
