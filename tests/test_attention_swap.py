@@ -6,11 +6,13 @@ computation."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from attention_fixtures import random_images, seeded_dense, tiny_vit
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lrk.decomp import build_method
 from lrk.decomp.attention.base import AttentionSwapMethod, output_errors, run_batches
@@ -201,3 +203,121 @@ def test_run_batches_counts_and_restores_modes() -> None:
     assert seen == [False, False]  # eval inside
     assert model.training and not model.blocks[0].training and not model.blocks[0].attn.training
     assert model.head.training
+
+
+# --- monitor: no host reads of monitoring figures inside the fit's forwards ------------------------------------
+class _HostReads(TorchDispatchMode):
+    """Counts the host reads of tensor values (``aten._local_scalar_dense``: float(t), int(t), bool(t), .item())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_local_scalar_dense":
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+MONITORED = {  # the methods with a ``monitor`` key, a config whose forward would measure something
+    "sdrm": {"subspace": "calibrated", "energy": 0.8},
+    "attn_svd": {"rank": 3},
+    "attn_tensor": {"rank": 3},
+}
+
+
+@pytest.mark.parametrize("name", list(MONITORED))
+def test_monitor_is_off_by_default_and_the_report_is_measured_all_the_same(name: str) -> None:
+    """``monitor: false`` (the default, in the method and in conf/decomp/<name>.yaml): the report rows are the
+    same numbers as with ``monitor: true`` (measured on the calibration batches at apply, outside the fit)."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(f"{Path(__file__).resolve().parent.parent}/conf/decomp/{name}.yaml")
+    assert conf.monitor is False
+    batches = [random_images(2, seed=1), random_images(2, seed=2)]
+    rows = {}
+    for monitor in (False, True):
+        model = tiny_vit(D, H, 2)
+        method = build_method({"name": name, **MONITORED[name], "monitor": monitor})
+        assert method.settings["monitor"] is monitor
+        rows[monitor] = method.apply(model, batches).rows
+        assert all(m.monitor is monitor for _, m in attention_modules(model))  # apply gave the setting back
+    keys = ("rank", "rel_error", "energy")
+    off, on = ([r[k] for r in rows[m] for k in keys] for m in (False, True))
+    assert off == pytest.approx(on, rel=1e-9)
+    assert all(0 < r["rel_error"] < 1 and 0 < r["energy"] < 1 for r in rows[False])
+
+
+@pytest.mark.parametrize("name", list(MONITORED))
+def test_an_unmonitored_forward_reads_no_monitoring_figure_from_the_device(name: str) -> None:
+    """The same forward with ``monitor`` on and off: off, it does exactly the host reads of the decomposition
+    itself (the ranks it needs; none at all for a calibrated SDRM basis); on, two more per measurement (the
+    norms of the monitored figure), and the run metrics then carry it."""
+    model = tiny_vit(D, H, 1)
+    build_method({"name": name, **MONITORED[name]}).apply(model, [random_images(2, seed=1)])
+    ((_, module),) = attention_modules(model)
+    x = torch.randn(3, 17, D, generator=torch.Generator().manual_seed(4))
+    reads = {}
+    for monitor in (False, True):
+        module.monitor = monitor
+        with torch.no_grad(), _HostReads() as counter:
+            module(x)
+        reads[monitor] = counter.count
+    measurements = 1  # one monitored figure per forward (attn_tensor scope=batch: one Tucker per forward)
+    assert reads[True] - reads[False] == 2 * measurements
+    if name == "sdrm":
+        assert reads[False] == 0
+    method = build_method({"name": name, **MONITORED[name]})
+    figures = {"sdrm": "decomp/energy", "attn_svd": "decomp/rel_error_mean", "attn_tensor": "decomp/energy"}
+    figure = figures[name]
+    module.stats.reset()
+    module.monitor = False
+    module(x)
+    assert figure not in method.runtime_metrics(model)
+    module.monitor = True
+    module(x)
+    assert figure in method.runtime_metrics(model)
+
+
+# --- the config rules run once, in the method ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("sdrm", "check_settings"),
+        ("pca", "check_settings"),
+        ("attn_tensor", "check_settings"),
+        ("attn_svd", "check_rule"),
+    ],
+)
+def test_the_config_rules_run_once_per_apply(name: str, rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The method checks its settings once (in its constructor); building the two replacement modules does not
+    run the config rules again."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(f"lrk.decomp.attention.{name}")
+    calls = []
+    original = getattr(module, rule)
+    monkeypatch.setattr(module, rule, lambda *a, **k: calls.append(1) or original(*a, **k))
+    method = build_method({"name": name})
+    method.apply(tiny_vit(D, H, 2), [random_images(2)])
+    assert len(calls) == 1
+    # and the module it builds holds no copy of them: a layer raises no config error (it has no config)
+    layer = importlib.import_module(f"lrk.layers.attention.{name}")
+    source = inspect.getsource(layer)
+    assert "LrkConfigError" not in source and f"def {rule}" not in source
+
+
+def test_sdrm_checks_adamatrix_options_without_building_a_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lrk.linalg.adamatrix as ada
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the config check built an AdaMatrixSolver")
+
+    monkeypatch.setattr(ada.AdaMatrixSolver, "__init__", refuse)
+    method = build_method({"name": "sdrm", "solver": "adamatrix", "adamatrix": {"lr": 0.5, "tol": None}})
+    assert method.settings["adamatrix"] == {"lr": 0.5}
+    with pytest.raises(LrkConfigError, match=r"decomp.adamatrix=\{'lr': -1\} is invalid: lr=-1 is invalid"):
+        build_method({"name": "sdrm", "solver": "adamatrix", "adamatrix": {"lr": -1}})
+    with pytest.raises(LrkConfigError, match=r"decomp.adamatrix=.* is invalid: option speed= is invalid"):
+        build_method({"name": "sdrm", "solver": "adamatrix", "adamatrix": {"speed": 2}})

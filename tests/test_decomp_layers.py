@@ -13,11 +13,11 @@ from lrk.decomp import (
     TTConv1x1,
     TTLinear,
     TuckerConv2d,
-    count_flops,
     count_params,
 )
 from lrk.linalg.cp import cp_to_tensor
 from lrk.linalg.tt import tt_max_ranks
+from lrk.measure import count_flops
 
 TOL = 1e-4  # float32 layers: max |y_factorized - y_dense| relative to max |y_dense|
 
@@ -176,13 +176,13 @@ def test_factors_are_parameters_and_sgd_lowers_the_loss(name, dense, full, low, 
 def test_flop_counter_matches_the_closed_form():
     torch.manual_seed(0)
     layer = SVDLinear.from_linear(nn.Linear(16, 24), 5)
-    assert count_flops(layer, torch.randn(7, 16)) == SVDLinear.flops(7, 16, 24, 5)
+    assert count_flops(layer, torch.randn(7, 16)).total == SVDLinear.flops(7, 16, 24, 5)
     conv = TuckerConv2d.from_conv(_conv(stride=2, padding=1), (4, 3))  # 9x9 -> 5x5
     x = torch.randn(2, 8, 9, 9)
     expected = 2 * 2 * (81 * 8 * 3 + 25 * 3 * 4 * 9 + 25 * 4 * 12)
-    assert count_flops(conv, x) == expected
+    assert count_flops(conv, x).total == expected
     cp = CPConv2d.from_conv(_conv(stride=1, padding=1), 6, n_iter_max=2)
-    assert count_flops(cp, x) == 2 * 2 * 81 * (8 * 6 + 6 * 9 + 6 * 12)
+    assert count_flops(cp, x).total == 2 * 2 * 81 * (8 * 6 + 6 * 9 + 6 * 12)
 
 
 def test_preserves_conv_geometry_and_rejects_groups():

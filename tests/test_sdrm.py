@@ -10,12 +10,15 @@ import pytest
 import torch
 from attention_fixtures import random_images, seeded_dense, tiny_vit
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lrk.decomp import build_method
 from lrk.decomp.attention.sdrm import SDRMMethod, reset_sdrm_stats, sdrm_metrics, sdrm_modules
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.blockwise import AdaptiveBlockSize, blockwise_attention
 from lrk.layers.attention.sdrm import SDRMAttention
+from lrk.linalg.adamatrix import AdaMatrixSolver
+from lrk.linalg.tsvd import optimal_rank_error
 from lrk.models import MultiHeadSelfAttention, attention_modules
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "decomp" / "sdrm.yaml"
@@ -226,12 +229,27 @@ def test_adamatrix_divergence_falls_back_and_is_counted(monkeypatch: pytest.Monk
 
 
 def test_adamatrix_reports_iterations_and_error() -> None:
+    """The figures are those of the solver itself: the same AdaMatrix run by hand on the same chunks (one image
+    each, in order, warm-started from chunk to chunk as the module does), its error measured from its factors."""
     sdrm = SDRMAttention.from_attention(dense(), energy=0.8, solver="adamatrix", svd_batch_size=1)
     x = tokens()
     sdrm(x)
     m = sdrm_metrics(torch.nn.Sequential(sdrm))
-    assert m["decomp/adamatrix_iterations_mean"] >= 0 and 0 < m["decomp/adamatrix_rel_error"] < 1
-    assert m["decomp/energy"] >= 0.8 - 1e-9 and m["decomp/factorizations"] == B
+    solver = AdaMatrixSolver(energy=0.8)
+    chunks = [x[i].reshape(-1, D) for i in range(B)]
+    results = [solver(Y) for Y in chunks]
+    assert m["decomp/factorizations"] == B
+    assert m["decomp/adamatrix_iterations_mean"] == pytest.approx(sum(r.iterations for r in results) / B)
+    assert m["decomp/rank_mean"] == pytest.approx(sum(r.rank for r in results) / B)
+    assert m["decomp/energy"] == pytest.approx(sum(r.energy for r in results) / B, rel=1e-12)
+    assert min(r.energy for r in results) >= 0.8 - 1e-9
+    # the reported error (the last chunk's) is ||Y - U S V^T|| / ||Y|| of the factors, within 1 % of the
+    # Eckart-Young optimum at that rank (torch.linalg.svd)
+    Y, last = chunks[-1], results[-1]
+    actual = float(torch.linalg.norm(Y - last.reconstruct()) / torch.linalg.norm(Y))
+    assert m["decomp/adamatrix_rel_error"] == pytest.approx(actual, rel=1e-6)
+    optimum = optimal_rank_error(torch.linalg.svdvals(Y), last.rank)
+    assert optimum <= actual * (1 + 1e-9) and actual <= 1.01 * optimum
 
 
 def test_adaptive_block_rule() -> None:
@@ -386,3 +404,159 @@ def test_config_file_builds_the_paper_defaults() -> None:
     assert s["adamatrix"]["lambdas"] == (1e-3, 1e-4, 1e-4)
     # a rank alone (energy left null) replaces the default phi, as the sweep configs set them
     assert build_method(OmegaConf.merge(cfg, {"rank": 4})).settings["energy"] is None
+
+
+# --- no hidden work: buffers, U, Y V_r, host reads -----------------------------------------------------------
+def _numel(tensors) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+def test_batch_mode_has_the_dense_attentions_buffers_only() -> None:
+    """subspace=batch keeps no basis: its state dict holds exactly the dense attention's tensors (names and
+    sizes); subspace=calibrated adds the D x D basis and its rank and energy (D^2 + 2 numbers)."""
+    ref = dense()
+    dense_state = ref.state_dict()
+    batch = SDRMAttention.from_attention(ref, energy=0.8)
+    assert list(batch.buffers()) == [] and list(ref.buffers()) == []
+    assert batch.state_dict().keys() == dense_state.keys()
+    assert (
+        _numel(batch.state_dict().values()) == _numel(dense_state.values()) == 3 * D * D + 3 * D + D * D + D
+    )
+    calibrated = SDRMAttention.from_attention(ref, energy=0.8, subspace="calibrated")
+    extra = set(calibrated.state_dict()) - set(dense_state)
+    assert extra == {"basis", "basis_rank", "basis_energy"}
+    assert _numel(calibrated.state_dict().values()) == _numel(dense_state.values()) + D * D + 2
+    with pytest.raises(RuntimeError, match="subspace='batch'"):
+        batch.fit_basis(torch.eye(D, dtype=torch.float64), 100)
+
+
+def test_batch_mode_loads_a_state_dict_written_with_the_unused_basis() -> None:
+    """Batch-mode checkpoints written before carried a zero D x D basis: they still load (strict), into a module
+    that has none, and give the same outputs."""
+    ref, x = dense(), tokens()
+    batch = SDRMAttention.from_attention(ref, energy=0.8)
+    old = {
+        **batch.state_dict(),
+        "basis": torch.zeros(D, D),
+        "basis_rank": torch.zeros((), dtype=torch.long),
+        "basis_energy": torch.zeros((), dtype=torch.float64),
+    }
+    fresh = SDRMAttention(D, H, energy=0.8).double()
+    fresh.load_state_dict(old, strict=True)
+    assert not hasattr(fresh, "basis")
+    torch.testing.assert_close(fresh(x), batch(x), atol=0, rtol=0)
+
+
+def test_calibrated_basis_round_trips_through_the_state_dict() -> None:
+    """A loaded calibrated basis: its rank (kept on the host for the forward) comes from the checkpoint."""
+    ref, x = dense(), tokens()
+    fitted = SDRMAttention.from_attention(ref, energy=0.8, subspace="calibrated")
+    Y = x.reshape(-1, D)
+    fitted.fit_basis(Y.T @ Y, Y.shape[0])
+    loaded = SDRMAttention(D, H, energy=0.8, subspace="calibrated").double()
+    loaded.load_state_dict(fitted.state_dict(), strict=True)
+    assert loaded._basis_r == int(fitted.basis_rank) > 0
+    torch.testing.assert_close(loaded(x), fitted(x), atol=0, rtol=0)
+
+
+class _Calls(TorchDispatchMode):
+    """Records the matrix products (name, input shapes, output shape) and the host reads of tensors
+    (``aten._local_scalar_dense``: float(t), int(t), bool(t), t.item()) of the code run inside it."""
+
+    PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.products: list[tuple[str, list[tuple[int, ...]], tuple[int, ...]]] = []
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.PRODUCTS:
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            self.products.append((name, shapes, tuple(out.shape)))
+        elif name == "_local_scalar_dense":
+            self.host_reads += 1
+        return out
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("core", ["qkv", "factored"])
+def test_one_y_v_product_per_chunk_and_eq14_unchanged(chunk: int | None, core: str) -> None:
+    """The forward forms Y V_r ([m, d] x [d, r]) once per chunk (the solver returns V and S without U), and the
+    output is Eq. 14 formed explicitly: Q, K, V from Y V_r V_r^T (V_r from torch.linalg.svd of each chunk, the
+    energy rule on its singular values), softmax(Q_h K_h^T / sqrt(d_h)) V_h per head and image, then W^O."""
+    ref, x = dense(), tokens()
+    sdrm = SDRMAttention.from_attention(ref, energy=0.8, svd_batch_size=chunk, core=core)
+    with _Calls() as calls:
+        out = sdrm(x)
+    size = chunk or B
+    parts, chunks = [], []
+    for s in range(0, B, size):  # the reference, with formed Q, K, V
+        Y = x[s : s + size].reshape(-1, D)
+        _, sv, Vh = torch.linalg.svd(Y, full_matrices=False)
+        share = torch.cumsum(sv**2, 0) / (sv**2).sum()
+        r = int((share < 0.8 - 1e-12).sum()) + 1
+        chunks.append((Y.shape[0], r))
+        Yp = Y @ Vh[:r].T @ Vh[:r]
+        q, k, v = (Yp @ ref.qkv.weight.T + ref.qkv.bias).reshape(-1, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // H), dim=-1) @ v
+        parts.append(ref.proj(attn.transpose(1, 2).reshape(-1, T, D)))
+    torch.testing.assert_close(out, torch.cat(parts), atol=1e-10, rtol=0)
+    assert len(chunks) == (1 if chunk is None else 2) and all(r < D for _, r in chunks)
+    for m, r in chunks:  # chunk rows m: 51, or 34 (tall) and 17 (wide)
+        y_v = [c for c in calls.products if c[1] == [(m, D), (D, r)] and c[2] == (m, r)]
+        assert len(y_v) == 1, calls.products  # Y V_r, once
+        # every product with Y (m x D, or its transpose) as an operand: the Gram matrix and Y V_r (tall); a wide Y
+        # also needs V = Y^T U / S, from the Gram matrix Y Y^T. With U formed there would be one more
+        passes = [c for c in calls.products if c[0] == "mm" and ((m, D) in c[1] or (D, m) in c[1])]
+        assert len(passes) == (2 if m >= D else 3), passes
+
+
+def test_calibrated_forward_reads_nothing_from_the_device_unless_monitored() -> None:
+    """subspace=calibrated: the basis's rank is on the host and the energy monitor is off by default, so the
+    forward does no host read at all; monitor=True measures the energy (two norms read) and records it."""
+    ref, x = dense(), tokens()
+    Y = x.reshape(-1, D)
+    quiet = SDRMAttention.from_attention(ref, energy=0.8, subspace="calibrated")
+    loud = SDRMAttention.from_attention(ref, energy=0.8, subspace="calibrated", monitor=True)
+    for module in (quiet, loud):
+        module.fit_basis(Y.T @ Y, Y.shape[0])
+    with _Calls() as off:
+        out = quiet(x)
+    with _Calls() as on:
+        monitored = loud(x)
+    torch.testing.assert_close(monitored, out, atol=0, rtol=0)
+    assert (off.host_reads, on.host_reads) == (0, 2)
+    assert (
+        quiet.stats.factorizations == 1
+        and quiet.stats.measured == 0
+        and quiet.stats.rank_sum == quiet._basis_r
+    )
+    r = loud._basis_r
+    kept = float((x @ loud.basis[:, :r]).square().sum() / x.square().sum())  # ||X V_r||^2 / ||X||^2
+    assert loud.stats.measured == 1 and loud.stats.energy_sum == pytest.approx(kept, rel=1e-12)
+    assert "decomp/energy" not in sdrm_metrics(torch.nn.Sequential(quiet))
+    assert sdrm_metrics(torch.nn.Sequential(loud))["decomp/energy"] == pytest.approx(kept, rel=1e-12)
+
+
+def test_module_argument_errors_are_value_errors() -> None:
+    """Built without config, the module refuses impossible arguments with a ValueError naming the argument (the
+    config errors, LrkConfigError naming decomp.<key>, are the method's: test_bad_config_is_one_clear_error)."""
+    ref = dense()
+    for kwargs, match in [
+        ({"rank": 33}, r"rank=33 is invalid: .*\[1, 32\]"),
+        ({"rank": 4, "energy": 0.5}, r"energy=0.5, rank=4 is invalid: give at most one"),
+        ({"energy": 1.5}, r"energy=1.5 is invalid"),
+        ({"subspace": "global"}, r"subspace='global' is invalid: it must be one of batch, calibrated"),
+        ({"core": "fast"}, r"core='fast' is invalid"),
+        ({"svd_batch_size": 0}, r"svd_batch_size=0 is invalid"),
+        ({"block_size": "big"}, r"block_size='big' is invalid"),
+        ({"solver": "adamatrix", "adamatrix": {"lr": -1}}, r"adamatrix=.* is invalid: lr=-1"),
+    ]:
+        with pytest.raises(ValueError, match=match) as info:
+            SDRMAttention.from_attention(ref, **kwargs)
+        assert not isinstance(info.value, LrkConfigError)
+    with pytest.raises(ValueError, match=r"block_size=18 is invalid for inputs of T=17"):
+        SDRMAttention.from_attention(ref, block_size=18)(tokens())  # T known at run time only

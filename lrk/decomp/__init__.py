@@ -16,7 +16,6 @@ from lrk.decomp import (  # noqa: F401  (register the methods)
     weight,
 )
 from lrk.decomp.base import METHODS, DecompMethod, build_method, register_method
-from lrk.decomp.counting import count_flops, count_params
 from lrk.decomp.rank import EnergyRank, FixedRank, RankPolicy, RankProblem, RankSelector, RatioRank
 from lrk.decomp.report import DecompReport
 from lrk.layers import (
@@ -32,6 +31,7 @@ from lrk.layers import (
     TTLinear,
     TuckerConv2d,
 )
+from lrk.measure import count_params
 
 __all__ = [
     "METHODS",
@@ -55,7 +55,6 @@ __all__ = [
     "TrawlShared",
     "TuckerConv2d",
     "build_method",
-    "count_flops",
     "count_params",
     "register_method",
 ]

@@ -54,11 +54,6 @@ def conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int, groups: int 
     )
 
 
-def own_params(module: nn.Module) -> int:
-    """Parameters of ``module`` (shared tensors counted once)."""
-    return sum(p.numel() for p in module.parameters())
-
-
 # --- building dense modules (fold) --------------------------------------------------------------------------
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """A fresh ``nn.Linear`` holding copies of ``weight`` (out x in) and ``bias``."""

@@ -522,6 +522,24 @@ def _run(Y: torch.Tensor, rank: int | None, energy: float | None, o: _Options) -
     return _engineered(Y, total, rank, energy, V, o)
 
 
+def check_options(rank: int | None = None, energy: float | None = None, **options: object) -> _Options:
+    """Validate the arguments of :class:`AdaMatrixSolver` without building one (a config check needs no solver):
+    at most one of ``rank`` / ``energy``, only :func:`adamatrix`'s keyword options (``init`` as "spectral" or
+    "random", not a tensor) with valid values. Returns the options with the variant's defaults filled in;
+    raises ValueError naming the first bad one. The rank's upper bound needs the matrix (checked per call)."""
+    if rank is not None and energy is not None:
+        raise ValueError(f"rank={rank}, energy={energy} is invalid: give exactly one of rank or energy")
+    allowed = {f.name for f in fields(_Options)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"option {unknown[0]}= is invalid for AdaMatrixSolver: valid options are {', '.join(sorted(allowed))}"
+        )
+    if isinstance(options.get("init"), torch.Tensor):
+        raise ValueError("init=<tensor> is invalid for AdaMatrixSolver: it keeps its own warm start")
+    return _resolve(_Options(**options))  # type: ignore[arg-type]
+
+
 class AdaMatrixSolver:
     """Stateful AdaMatrix for per-batch use (SDRM attention): each call starts from the previous call's
     right factor block (warm start across batches); ``reset()`` forgets it. Counts calls and fallbacks.
@@ -533,18 +551,8 @@ class AdaMatrixSolver:
     def __init__(self, rank: int | None = None, energy: float | None = None, **options: object) -> None:
         if rank is None and energy is None:
             energy = PAPER_ENERGY
-        if rank is not None and energy is not None:
-            raise ValueError(f"rank={rank}, energy={energy} is invalid: give exactly one of rank or energy")
-        allowed = {f.name for f in fields(_Options)}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise ValueError(
-                f"option {unknown[0]}= is invalid for AdaMatrixSolver: valid options are {', '.join(sorted(allowed))}"
-            )
-        if isinstance(options.get("init"), torch.Tensor):
-            raise ValueError("init=<tensor> is invalid for AdaMatrixSolver: it keeps its own warm start")
         self.rank, self.energy = rank, energy
-        self.options = _resolve(_Options(**options))  # type: ignore[arg-type]
+        self.options = check_options(rank, energy, **options)
         self._block: torch.Tensor | None = None
         self.calls = 0
         self.fallbacks = 0

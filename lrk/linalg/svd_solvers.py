@@ -33,19 +33,31 @@ def truncated_svd(
     rank: int | None = None,
     energy: float | None = None,
     solver: str = "gram",
+    compute_u: bool = True,
     **solver_options: object,
 ) -> TruncatedSVD:
     """Rank-r truncated SVD of Y (m x n), Y ≈ U diag(S) V^T, with exactly one of ``rank`` or ``energy`` (phi,
     SDRM Eqs. 2-3). ``solver``: "gram" | "lowrank" | "svd" | "adamatrix"; ``solver_options`` go to that solver
     (gram: accumulate; lowrank: oversample, niter, generator; adamatrix: see :func:`lrk.linalg.adamatrix.adamatrix`).
+
+    ``compute_u=False``: the caller needs V and S only; the result's ``U`` is None for every solver. Only
+    ``gram`` saves work by it (no m x r product on tall Y, :func:`lrk.linalg.tsvd.gram_svd`); the other solvers
+    form U on their way to V and drop it. Rank, S, V, energy and rel_error are the same as with U.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is invalid: it must be one of {', '.join(SOLVERS)}")
+    if not isinstance(compute_u, bool):
+        raise ValueError(f"compute_u={compute_u!r} is invalid: it must be True or False")
     if solver == "adamatrix":
-        return adamatrix(Y, rank, energy, **solver_options)  # type: ignore[arg-type]
-    _check_options(solver, solver_options, _SOLVER_OPTIONS[solver])
-    if solver == "gram":
-        return gram_svd(Y, rank, energy, **solver_options)  # type: ignore[arg-type]
-    if solver == "lowrank":
-        return lowrank_svd(Y, rank, energy, **solver_options)  # type: ignore[arg-type]
-    return full_svd(Y, rank, energy)
+        result = adamatrix(Y, rank, energy, **solver_options)  # type: ignore[arg-type]
+    else:
+        _check_options(solver, solver_options, _SOLVER_OPTIONS[solver])
+        if solver == "gram":
+            return gram_svd(Y, rank, energy, compute_u=compute_u, **solver_options)  # type: ignore[arg-type]
+        if solver == "lowrank":
+            result = lowrank_svd(Y, rank, energy, **solver_options)  # type: ignore[arg-type]
+        else:
+            result = full_svd(Y, rank, energy)
+    if not compute_u:
+        result.U = None
+    return result

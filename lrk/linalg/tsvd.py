@@ -8,6 +8,11 @@ with sum_{i<=r} s_i^2 >= phi * ||Y||_F^2, Eqs. 2-3 via :func:`lrk.linalg.rank.en
   (``accumulate="float64"`` forms Y^T Y and its eigh in float64, for ill-conditioned Y).
   S is taken as the column norms of Y V, not as sqrt(eigenvalue), so small singular values do not lose half
   their digits to the squaring. Wide Y (m < n) uses Y Y^T instead.
+  ``compute_u=False`` (a caller that needs only V and S, e.g. SDRM, which forms Y V_r itself with the gradient
+  attached): tall Y skips the thin product Y V altogether, ``U`` is None and S = sqrt(eigenvalue) (small singular
+  values then carry about half the digits: absolute error ~ sqrt(eps) s_1); rank, energy and rel_error come from
+  the same eigenvalues as with U (energy = sum_{i<=r} lambda_i / trace(Y^T Y), exact for an SVD). Wide Y needs the
+  thin product Y^T U for V anyway, so there only U (free: the eigenvectors) is dropped.
 - ``lowrank``: randomized range finder, ``torch.svd_lowrank`` with ``oversample`` extra columns and ``niter``
   power iterations. With ``energy`` the spectrum is unknown in advance: the block q starts at an estimate
   from a row sample of Y and doubles until the computed singular values hold phi of ||Y||_F^2 (exact, from
@@ -45,7 +50,7 @@ SMALL_LAPACK_THREADS: int | None = 1
 class TruncatedSVD:
     """A rank-r factorisation Y ≈ U diag(S) V^T (U: [m, r], S: [r], V: [n, r]) and how it was obtained."""
 
-    U: torch.Tensor
+    U: torch.Tensor | None  # None when the solver was asked not to form it (gram_svd(..., compute_u=False))
     S: torch.Tensor
     V: torch.Tensor
     rank: int
@@ -57,7 +62,9 @@ class TruncatedSVD:
     converged: bool = True  # AdaMatrix met its tolerance/target before max_iter
 
     def reconstruct(self) -> torch.Tensor:
-        """U diag(S) V^T."""
+        """U diag(S) V^T (ValueError when U was not formed)."""
+        if self.U is None:
+            raise ValueError("this TruncatedSVD has no U (compute_u=False): it cannot be reconstructed")
         return (self.U * self.S) @ self.V.T
 
 
@@ -143,28 +150,46 @@ def complete_orthonormal(U: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(
-    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, total: float, solver: str, iterations: int = 0
+    U: torch.Tensor | None,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    total: float,
+    solver: str,
+    iterations: int = 0,
+    kept: float | None = None,
 ) -> TruncatedSVD:
     """Package factors whose U, V are orthonormal and S = diag(U^T Y V) (a projection of Y): then
-    ||Y - U S V^T||^2 = ||Y||^2 - ||S||^2 exactly."""
-    kept = float((S.double() ** 2).sum())
+    ||Y - U S V^T||^2 = ||Y||^2 - ||S||^2 exactly. ``kept``: ||S||^2 when the caller has it more exactly than S
+    (the float64 eigenvalues of gram_svd without U)."""
+    if kept is None:
+        kept = float((S.double() ** 2).sum())
     energy = min(kept / total, 1.0) if total > 0 else 1.0
     rel_error = math.sqrt(max(1.0 - energy, 0.0))
     return TruncatedSVD(U, S, V, int(S.numel()), energy, rel_error, iterations, solver)
 
 
 def gram_svd(
-    Y: torch.Tensor, rank: int | None = None, energy: float | None = None, accumulate: str = "input"
+    Y: torch.Tensor,
+    rank: int | None = None,
+    energy: float | None = None,
+    accumulate: str = "input",
+    compute_u: bool = True,
 ) -> TruncatedSVD:
     """Truncated SVD through eigh of the Gram matrix (SDRM Theorem 2's direct route): Y^T Y = V Λ V^T,
-    S_i = ||Y v_i||, U = Y V / S; wide Y uses Y Y^T. ``accumulate``: "input" (Y's dtype) or "float64"."""
+    S_i = ||Y v_i||, U = Y V / S; wide Y uses Y Y^T. ``accumulate``: "input" (Y's dtype) or "float64".
+
+    ``compute_u=False``: V and S only (``U`` is None). Tall Y then forms no m x r product at all: S = sqrt(Λ_r)
+    and the energy sum_{i<=r} Λ_i / trace(Y^T Y) come from the eigenvalues (the module docstring says what
+    precision S keeps); the rank and V are those that ``compute_u=True`` returns."""
     Y = _check_matrix(Y)
     check_request(tuple(Y.shape), rank, energy)
     if accumulate not in ("input", "float64"):
         raise ValueError(f"accumulate={accumulate!r} is invalid: it must be 'input' or 'float64'")
-    if Y.shape[0] < Y.shape[1]:
+    if not isinstance(compute_u, bool):
+        raise ValueError(f"compute_u={compute_u!r} is invalid: it must be True or False")
+    if Y.shape[0] < Y.shape[1]:  # V = the U of Y^T, which needs its thin product; our U is then free
         t = gram_svd(Y.T, rank, energy, accumulate)
-        return TruncatedSVD(t.V, t.S, t.U, t.rank, t.energy, t.rel_error, 0, "gram")
+        return TruncatedSVD(t.V if compute_u else None, t.S, t.U, t.rank, t.energy, t.rel_error, 0, "gram")
     Yc = Y.double() if accumulate == "float64" else Y
     G = Yc.T @ Yc
     total = float(torch.diagonal(G).double().sum())
@@ -177,6 +202,9 @@ def gram_svd(
     evals = evals.double().flip(0).clamp_min(0.0)
     r = rank if rank is not None else energy_rank(evals.sqrt(), energy)
     V = evecs[:, evecs.shape[1] - r :].flip(1).to(Y.dtype)  # the leading r eigenvectors, descending
+    if not compute_u:
+        kept = evals[:r]
+        return _finish(None, kept.sqrt().to(Y.dtype), V, total, "gram", kept=float(kept.sum()))
     Z = Y @ V
     S = torch.linalg.vector_norm(Z, dim=0)
     # (numerically) zero singular values carry no direction: complete U orthonormally there. The rounding of

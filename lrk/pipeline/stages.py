@@ -119,7 +119,8 @@ def evaluate_dense(state: RunState) -> None:
 def compress(state: RunState) -> None:
     """``method.apply(model, calibration batches)``; the report goes to summary.json, the metrics and the
     checkpoints (it rides in their structure payload)."""
-    count = int(state.cfg.decomp.get("calibration_batches") or 4)
+    count = state.cfg.decomp.get("calibration_batches")
+    count = 4 if count is None else int(count)  # decomp.calibration_batches: null -> 4
     batches = state.datamodule.calibration_batches(count)
     record_report(state, state.method.apply(state.model, batches))
 

@@ -40,9 +40,12 @@ as before and the truncation adds its own cost. Parameters are unchanged; what c
 r attention branch), which the report and the tests show.
 
 Statistics (``module.stats``, an :class:`AttnSVDStats`, not in the state dict): ``rank_mean`` / ``energy_mean`` per
-image, ``rel_error`` (measured ||O - O_r||_F / ||O||_F over the forwards), ``rr_seconds`` (truncation time inside
-forwards; part of PhaseTimer's ``time/mha_s``) and ``fit_seconds`` (the calibration forwards' truncation time in
-apply). :func:`attn_svd_metrics` sums them over a model (``time/rr_s``, ``time/rr_forward_s``, ``decomp/*``).
+image (accumulated on the device: no host synchronisation per forward), ``rel_error`` (measured ||O - O_r||_F /
+||O||_F over the forwards, only with ``monitor: true``: two norms read by the host in every forward, a GPU sync),
+``rr_seconds`` (truncation time inside forwards; part of PhaseTimer's ``time/mha_s``) and ``fit_seconds`` (the
+calibration forwards' truncation time in apply). :func:`attn_svd_metrics` sums them over a model (``time/rr_s``,
+``time/rr_forward_s``, ``decomp/*``). With ``monitor: false`` (the default) the report rows still hold the measured
+rel_error: ``apply`` measures it on the calibration batches, outside the fit.
 """
 
 from __future__ import annotations
@@ -52,22 +55,54 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from lrk.checks import is_fraction, is_int
 from lrk.decomp.attention.base import (
     AttentionSwapMethod,
+    monitoring,
     run_batches,
     token_count,
 )
 from lrk.decomp.base import register_method
 from lrk.decomp.rank.policy import RankPolicy
+from lrk.errors import LrkConfigError
 from lrk.layers.attention.attn_svd import (
     DEFAULT_RATIO,
     SVDOutputAttention,
-    check_rule,
-    rank_limit_error,
 )
 from lrk.layers.attention.dense import AttentionBase
-from lrk.layers.base import own_params
+from lrk.layers.attention.stats import as_float
+from lrk.measure import count_params
 from lrk.models.utils import attention_modules
+
+
+# --- checks (the config rules of decomp=attn_svd; SVDOutputAttention only refuses what it cannot run with) ----
+def check_rule(rank: int | None, ratio: float | None, energy: float | None) -> None:
+    """Exactly one of rank (an integer >= 1), ratio or energy (fractions in (0, 1]); LrkConfigError otherwise."""
+    given = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
+    if len(given) != 1:
+        listed = ", ".join(f"decomp.{k}={v}" for k, v in given.items()) or "none of them"
+        raise LrkConfigError(
+            f"decomp=attn_svd rank rule sets {listed}: set exactly one of decomp.rank (an integer in [1, min(T, D)]), "
+            "decomp.ratio (a fraction of min(T, D) in (0, 1]) or decomp.energy (phi in (0, 1])"
+        )
+    if rank is not None and not (is_int(rank) and rank >= 1):
+        raise LrkConfigError(f"decomp.rank={rank!r} is invalid: it must be an integer in [1, min(T, D)]")
+    if ratio is not None and not is_fraction(ratio):
+        raise LrkConfigError(
+            f"decomp.ratio={ratio!r} is invalid: it must be a number in (0, 1] (a fraction of min(T, D))"
+        )
+    if energy is not None and not is_fraction(energy):
+        raise LrkConfigError(
+            f"decomp.energy={energy!r} is invalid: phi (Eqs. 2-3) must be a number in (0, 1]"
+        )
+
+
+def rank_limit_error(rank: int, tokens: int, dim: int, where: str) -> LrkConfigError:
+    limit = min(tokens, dim)
+    return LrkConfigError(
+        f"decomp.rank={rank} is invalid for {where}: each image's attention output is T x D = {tokens} x {dim}, "
+        f"whose rank is at most min(T, D) = {limit}; use a rank in [1, {limit}]"
+    )
 
 
 # --- collecting the figures of a run ---------------------------------------------------------------------
@@ -89,7 +124,9 @@ def attn_svd_metrics(model: nn.Module) -> dict[str, float]:
     ``time/rr_forward_s``: the part inside forwards (inside PhaseTimer's ``time/mha_s``);
     ``decomp/truncations``: images truncated (one per image, forward and layer); ``decomp/rank_mean`` and
     ``decomp/energy``: means over those truncations; ``decomp/rel_error_mean``: mean over layers of the measured
-    ||O - O_r||_F / ||O||_F. The averages are left out while nothing has been truncated (no NaN).
+    ||O - O_r||_F / ||O||_F, only from modules with ``monitor: true`` (otherwise the report's figure, measured on
+    the calibration batches at apply, stands). The averages are left out while nothing has been truncated (no
+    NaN). Reading them synchronises once with the device (the sums are accumulated there).
     """
     stats = [m.stats for _, m in attn_svd_modules(model)]
     if not stats:
@@ -101,9 +138,10 @@ def attn_svd_metrics(model: nn.Module) -> dict[str, float]:
         "decomp/truncations": float(images),
     }
     if images:
-        used = [s for s in stats if s.images]
-        out["decomp/rank_mean"] = sum(s.rank_sum for s in stats) / images
-        out["decomp/energy"] = sum(s.energy_sum for s in stats) / images
+        out["decomp/rank_mean"] = sum(as_float(s.rank_sum) for s in stats) / images
+        out["decomp/energy"] = sum(as_float(s.energy_sum) for s in stats) / images
+    used = [s for s in stats if s.monitored]
+    if used:
         out["decomp/rel_error_mean"] = sum(s.rel_error for s in used) / len(used)
     return out
 
@@ -113,12 +151,18 @@ def attn_svd_metrics(model: nn.Module) -> dict[str, float]:
 class AttnSVDMethod(AttentionSwapMethod):
     """``decomp=attn_svd``: every attention module (or those matching ``targets``, minus ``skip``) becomes an
     :class:`SVDOutputAttention` with the same weights. Keys (conf/decomp/attn_svd.yaml): exactly one of ``rank``,
-    ``ratio`` (of min(T, D)) or ``energy``, ``default_ratio`` when none is set, plus the common ``stage``,
+    ``ratio`` (of min(T, D)) or ``energy``, ``default_ratio`` when none is set, ``monitor`` (measure the error in
+    every forward of the fit; default false: measured on the calibration batches at apply), plus the common ``stage``,
     ``calibration_batches``, ``targets``, ``skip`` ... (``rank_multiple`` / ``min_rank``: only 1).
     """
 
     needs_dense_attention = True
-    extra_keys: ClassVar[dict[str, Any]] = {"default_ratio": DEFAULT_RATIO}
+    extra_keys: ClassVar[dict[str, Any]] = {"default_ratio": DEFAULT_RATIO, "monitor": False}
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"ratio": 1.0},
+        "lossy": {"rank": 1},
+        "invalid": [{"rank": 10_000}, {"rank": 2, "energy": 0.9}, {"energy": 1.5}, {"skip": ["blocks.*"]}],
+    }
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -126,6 +170,10 @@ class AttnSVDMethod(AttentionSwapMethod):
         self.settings: dict[str, Any] = {"rank": None, "ratio": None, "energy": None}
         self.settings[policy.kind] = policy.rank if policy.kind == "rank" else policy.value
         check_rule(**self.settings)
+        monitor = self.cfg["monitor"]
+        if not isinstance(monitor, bool):
+            raise LrkConfigError(f"decomp.monitor={monitor!r} is invalid: it must be true or false")
+        self.settings["monitor"] = monitor
 
     def prepare(
         self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
@@ -158,7 +206,8 @@ class AttnSVDMethod(AttentionSwapMethod):
         (O its untruncated output on its inputs there), truncation seconds. The statistics then start from zero;
         the calibration seconds stay in ``stats.fit_seconds`` (part of ``time/rr_s``)."""
         if batches:
-            run_batches(model, batches)  # runs them through the new modules
+            with monitoring(new for _, _, new in built):  # the measured error, outside the fit's forwards
+                run_batches(model, batches)  # runs them through the new modules
         tokens = token_count(model) or 0
         rows = []
         for name, old, new in built:
@@ -181,8 +230,8 @@ class AttnSVDMethod(AttentionSwapMethod):
                     "shape": [tokens, new.dim],
                     "rank": float(rank),
                     "ranks": [round(rank)],
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
+                    "params_before": count_params(old),
+                    "params_after": count_params(new),
                     "rel_error": float(rel),
                     "energy": float(energy),
                     "seconds": float(st.rr_seconds),

@@ -47,8 +47,11 @@ rank 33 with 20 ALS sweeps: 0.34 s (batch) and 0.56-0.79 s (image); the dense pr
 Statistics: every module keeps a :class:`TensorAttentionStats` in ``module.stats`` (not in the state dict):
 ``forwards``, ``decompositions`` (TensorLy calls: one per forward with scope=batch, one per image with
 scope=image), ``head_rank_sum`` / ``query_rank_sum`` / ``key_rank_sum`` (sums over decompositions; means by
-``rank_mean()``), ``energy_sum``, ``decompose_seconds`` (TensorLy + core projection / least squares + energy,
-inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns them into run metrics.
+``rank_mean()``), ``energy_sum`` over the ``measured`` decompositions (``monitor: true`` only: ||A_hat||^2 and
+||A||^2 are read by the host in every forward, a GPU sync; with the default ``monitor: false`` the report's energy,
+measured on the calibration batches at apply, stands), ``decompose_seconds`` (TensorLy + core projection / least
+squares, + the energy when monitored, inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns
+them into run metrics.
 """
 
 from __future__ import annotations
@@ -57,24 +60,102 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from lrk.checks import is_fraction
+from lrk.checks import is_fraction, is_int
 from lrk.decomp.attention.base import (
     AttentionSwapMethod,
+    monitoring,
     output_errors,
     token_count,
 )
 from lrk.decomp.base import register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.attn_tensor import (
+    DECOMPOSITIONS,
     DEFAULT_CP_ITERS,
     DEFAULT_RATIO,
+    SCOPES,
     TensorAttention,
-    check_model,
-    check_settings,
 )
 from lrk.layers.attention.dense import AttentionBase
-from lrk.layers.base import own_params
+from lrk.measure import count_params
 from lrk.models.utils import attention_modules
+
+
+# --- checks (the config rules of decomp=attn_tensor; TensorAttention only refuses what it cannot run with) --
+def check_settings(
+    decomposition: Any,
+    scope: Any,
+    rank: Any,
+    head_rank: Any,
+    ratio: Any,
+    energy: Any,
+    hooi_iters: Any = 0,
+    cp_iters: Any = DEFAULT_CP_ITERS,
+) -> None:
+    """Validate the settings that need no model (each bad value -> one :class:`LrkConfigError` naming it)."""
+    if decomposition not in DECOMPOSITIONS:
+        raise LrkConfigError(
+            f"decomp.decomposition={decomposition!r} is invalid: it must be one of {', '.join(DECOMPOSITIONS)}"
+        )
+    if scope not in SCOPES:
+        raise LrkConfigError(f"decomp.scope={scope!r} is invalid: it must be one of {', '.join(SCOPES)}")
+    chosen = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
+    if len(chosen) > 1:
+        given = ", ".join(f"decomp.{k}={v}" for k, v in chosen.items())
+        raise LrkConfigError(
+            f"{given} is invalid for decomp=attn_tensor: set exactly one of decomp.rank (token-mode rank, an integer "
+            "in [1, T]), decomp.ratio (R_t = ceil(ratio T), ratio in (0, 1]) or decomp.energy (phi in (0, 1], tucker)"
+        )
+    if rank is not None and not (is_int(rank) and rank >= 1):
+        raise LrkConfigError(
+            f"decomp.rank={rank!r} is invalid: it must be an integer in [1, T] (tokens per image)"
+        )
+    if ratio is not None and not is_fraction(ratio):
+        raise LrkConfigError(
+            f"decomp.ratio={ratio!r} is invalid: it must lie in (0, 1] (R_t = ceil(ratio T))"
+        )
+    if energy is not None and not is_fraction(energy):
+        raise LrkConfigError(
+            f"decomp.energy={energy!r} is invalid: phi (the energy kept of each mode unfolding) must lie in (0, 1]"
+        )
+    if energy is not None and decomposition == "cp":
+        raise LrkConfigError(
+            f"decomp.energy={energy} is invalid with decomp.decomposition=cp: the energy rule reads the mode "
+            "unfoldings' spectra (Tucker); for cp set decomp.rank (the CP rank, in [1, T]) or decomp.ratio"
+        )
+    if head_rank is not None and not (is_int(head_rank) and head_rank >= 1):
+        raise LrkConfigError(
+            f"decomp.head_rank={head_rank!r} is invalid: it must be an integer in [1, H] (heads) or null (= H)"
+        )
+    if head_rank is not None and decomposition == "cp":
+        raise LrkConfigError(
+            f"decomp.head_rank={head_rank} is invalid with decomp.decomposition=cp: a CP model has one rank "
+            "(decomp.rank); head_rank is the Tucker head-mode rank, set it to null"
+        )
+    if not (is_int(hooi_iters) and hooi_iters >= 0):
+        raise LrkConfigError(
+            f"decomp.hooi_iters={hooi_iters!r} is invalid: it must be an integer >= 0 (0 = truncated HOSVD)"
+        )
+    if not (is_int(cp_iters) and cp_iters >= 1):
+        raise LrkConfigError(
+            f"decomp.cp_iters={cp_iters!r} is invalid: it must be an integer >= 1 (ALS sweeps)"
+        )
+
+
+def check_model(
+    rank: int | None, head_rank: int | None, tokens: int | None, heads: int, what: str = ""
+) -> None:
+    """Checks that need the model: rank <= T (tokens per image) and head_rank <= H."""
+    if rank is not None and tokens is not None and rank > tokens:
+        raise LrkConfigError(
+            f"decomp.rank={rank} is invalid for this model{what}: the attention tensor has T={tokens} tokens per "
+            f"query/key mode; use a rank in [1, {tokens}]"
+        )
+    if head_rank is not None and head_rank > heads:
+        raise LrkConfigError(
+            f"decomp.head_rank={head_rank} is invalid for this model{what}: the attention has H={heads} heads; "
+            f"use a head_rank in [1, {heads}]"
+        )
 
 
 # --- collecting the figures of a run ---------------------------------------------------------------------
@@ -87,8 +168,9 @@ def attn_tensor_metrics(model: nn.Module) -> dict[str, float]:
     """The figures of the tensor attention modules of ``model`` since apply (or the last reset):
     ``time/rr_s`` (decomposition seconds inside forwards: the rank reduction), ``time/attn_tensor_attention_s``
     (their whole forwards), ``decomp/decompositions``, and, once something was decomposed, ``decomp/rank_mean``
-    (token-mode rank) and ``decomp/energy`` (retained energy), means over all decompositions. {} without such
-    modules."""
+    (token-mode rank, mean over all decompositions) and, from modules with ``monitor: true``, ``decomp/energy``
+    (retained energy, mean over the measured decompositions; without it the report's energy stands). {} without
+    such modules."""
     stats = [m.stats for _, m in attn_tensor_modules(model)]
     if not stats:
         return {}
@@ -100,7 +182,9 @@ def attn_tensor_metrics(model: nn.Module) -> dict[str, float]:
     }
     if n:
         out["decomp/rank_mean"] = sum(s.query_rank_sum + s.key_rank_sum for s in stats) / (2 * n)
-        out["decomp/energy"] = sum(s.energy_sum for s in stats) / n
+    measured = sum(s.measured for s in stats)
+    if measured:
+        out["decomp/energy"] = sum(s.energy_sum for s in stats) / measured
     return out
 
 
@@ -110,7 +194,8 @@ class AttnTensorMethod(AttentionSwapMethod):
     """``decomp=attn_tensor``: every attention module (or those matching ``targets``, minus ``skip``) becomes a
     :class:`TensorAttention` with the same weights. Keys (conf/decomp/attn_tensor.yaml): ``decomposition``
     (tucker | cp), ``scope`` (batch | image), exactly one of ``rank`` / ``ratio`` / ``energy`` (``default_ratio``
-    when all are null), ``head_rank``, ``hooi_iters``, ``cp_iters``, plus the common ``stage``,
+    when all are null), ``head_rank``, ``hooi_iters``, ``cp_iters``, ``monitor`` (measure the retained energy in
+    every forward of the fit; default false: measured on the calibration batches at apply), plus the common ``stage``,
     ``calibration_batches`` ... The report measures every module against the dense one on the calibration batches.
     """
 
@@ -120,6 +205,12 @@ class AttnTensorMethod(AttentionSwapMethod):
         "head_rank": None,
         "hooi_iters": 0,
         "cp_iters": DEFAULT_CP_ITERS,
+        "monitor": False,
+    }
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"ratio": 1.0},
+        "lossy": {"rank": 2},
+        "invalid": [{"rank": 10_000}, {"head_rank": 10_000}, {"decomposition": "tt"}, {"scope": "chunk"}],
     }
     needs_calibration = True
     needs_dense_attention = True
@@ -145,6 +236,8 @@ class AttnTensorMethod(AttentionSwapMethod):
             c["hooi_iters"],
             c["cp_iters"],
         )
+        if not isinstance(c["monitor"], bool):
+            raise LrkConfigError(f"decomp.monitor={c['monitor']!r} is invalid: it must be true or false")
         self.settings: dict[str, Any] = {
             "decomposition": c["decomposition"],
             "scope": c["scope"],
@@ -154,6 +247,7 @@ class AttnTensorMethod(AttentionSwapMethod):
             "energy": energy,
             "hooi_iters": c["hooi_iters"],
             "cp_iters": c["cp_iters"],
+            "monitor": c["monitor"],
         }
 
     def prepare(
@@ -188,7 +282,9 @@ class AttnTensorMethod(AttentionSwapMethod):
         for _, _, new in built:
             assert isinstance(new, TensorAttention)
             new.stats.reset()
-        errors = output_errors(model, {name: old for name, old, _ in built}, batches)
+        # the energy is measured here (monitor on), not in the fit's forwards
+        with monitoring(new for _, _, new in built):
+            errors = output_errors(model, {name: old for name, old, _ in built}, batches)
         tokens = token_count(model) or 0
         rows = []
         for name, old, new in built:
@@ -204,8 +300,8 @@ class AttnTensorMethod(AttentionSwapMethod):
                     "ranks": [round(r) for r in ranks]
                     if new.decomposition == "tucker"
                     else [round(ranks[1])],
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
+                    "params_before": count_params(old),
+                    "params_after": count_params(new),
                     "rel_error": errors[name],
                     "energy": float(st.energy_mean()),
                     "seconds": float(st.decompose_seconds),

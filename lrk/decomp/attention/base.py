@@ -13,7 +13,8 @@ inputs of a few calibration batches. The shared parts live here:
 - :func:`run_batches` runs calibration batches through the model in eval mode without gradients;
   :func:`collect_attention_inputs` adds forward pre-hooks that hand each target's input ``[B, T, D]`` to a callback;
 - :func:`output_errors`: the report's measured ``rel_error`` of each swapped module against the dense one on the
-  calibration inputs;
+  calibration inputs; :func:`monitoring` turns on a module's per-forward measurements (``monitor``) while the
+  report is measured, so that the fit's forwards can run without them;
 - the config checks every attention method shares (in :class:`AttentionSwapMethod`'s constructor):
   ``rank_multiple`` / ``min_rank`` stay 1, ``calibration_batches`` is an integer >= 0, or >= 1 for a method that
   ``needs_calibration`` (which :meth:`~AttentionSwapMethod.apply` also refuses to run without a batch);
@@ -23,7 +24,8 @@ inputs of a few calibration batches. The shared parts live here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -35,7 +37,7 @@ from lrk.decomp.targets import TargetSelector
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention
 from lrk.layers.attention.stats import relative_error
-from lrk.layers.base import own_params
+from lrk.measure import count_params
 
 VIT_BACKBONES = "backbone=vit_edge, vit_tiny, vit_small or deit_small (name: vit)"
 
@@ -112,6 +114,21 @@ def collect_attention_inputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def monitoring(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Turn on the per-forward measurements (``monitor``) of ``modules`` for the block, restoring each module's
+    setting afterwards, also on error: the report rows are measured on the calibration batches at apply, while
+    the fit's forwards run without those host synchronisations (``monitor: false``, the default)."""
+    saved = [(m, m.monitor) for m in modules if hasattr(m, "monitor")]
+    try:
+        for m, _ in saved:
+            m.monitor = True
+        yield
+    finally:
+        for m, before in saved:
+            m.monitor = before
 
 
 def output_errors(
@@ -242,8 +259,8 @@ class AttentionSwapMethod(DecompMethod):
                 "shape": [new.dim, new.dim],
                 "rank": float(new.dim),
                 "ranks": [new.dim],
-                "params_before": own_params(old),
-                "params_after": own_params(new),
+                "params_before": count_params(old),
+                "params_after": count_params(new),
                 "rel_error": 0.0,
                 "energy": 1.0,
                 "seconds": float(seconds.get(name, 0.0)),

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from lrk.checks import is_number
 from lrk.decomp.attention.base import (
     AttentionSwapMethod,
     output_errors,
@@ -54,14 +55,30 @@ from lrk.decomp.base import register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.cholesky import (
     DEFAULT_EPS,
+    INITS,
     CholeskyAttention,
-    check_eps,
-    check_init,
     dense_qkv,
     qk_rel_errors,
 )
 from lrk.layers.attention.dense import AttentionBase
-from lrk.layers.base import own_params
+from lrk.measure import count_params
+
+
+# --- checks (the config rules of decomp=cholesky; CholeskyAttention only refuses what it cannot run with) --
+def check_init(init: Any, allow_auto: bool = True) -> None:
+    """``init`` must be one of auto|dense|identity (auto only at the config level)."""
+    valid = INITS if allow_auto else INITS[1:]
+    if init not in valid:
+        raise LrkConfigError(f"decomp.init={init!r} is invalid: it must be one of {', '.join(valid)}")
+
+
+def check_eps(eps: Any) -> None:
+    """``eps`` (the positive-definite shift, relative to the largest |eigenvalue|) must lie in (0, 1)."""
+    if not (is_number(eps) and 0 < eps < 1):
+        raise LrkConfigError(
+            f"decomp.eps={eps!r} is invalid: it must be a number in (0, 1) (the shift that makes W_QK positive "
+            "definite, relative to its largest |eigenvalue|; default 1e-6)"
+        )
 
 
 # --- the method ---------------------------------------------------------------------------------------------
@@ -76,6 +93,22 @@ class CholeskyMethod(AttentionSwapMethod):
 
     supported = "the attention modules (lrk.models.MultiHeadSelfAttention) of a ViT/DeiT backbone"
     extra_keys: ClassVar[dict[str, Any]] = {"init": "auto", "eps": DEFAULT_EPS}
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"init": "dense", "eps": 1e-9},
+        "exact_model": "symmetric_qk",
+        "exact_reason": (
+            "the scores of a symmetric L L^T form reproduce dense attention only where every head's W_Q W_K^T is "
+            "already symmetric positive (semi-)definite; a generic dense head is changed (the lossy case)"
+        ),
+        "lossy": {"init": "dense"},
+        "invalid": [
+            {"rank": 4},
+            {"init": "random"},
+            {"eps": 0},
+            {"min_rank": 2},
+            {"targets": ["blocks.*.mlp"]},
+        ],
+    }
     no_rank_rounding_reason = "there is no rank to round (L_h is full d_k x d_k)"
 
     def __init__(self, cfg: Any) -> None:
@@ -102,8 +135,10 @@ class CholeskyMethod(AttentionSwapMethod):
         for name, module in targets:
             try:
                 dense_qkv(module)
-            except LrkConfigError as exc:
-                raise LrkConfigError(f"attention module '{name}': {exc}") from None
+            except ValueError as exc:
+                raise LrkConfigError(
+                    f"decomp=cholesky cannot swap attention module '{name}': {exc}"
+                ) from None
         return {"seconds": {}}
 
     def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> CholeskyAttention:
@@ -137,8 +172,8 @@ class CholeskyMethod(AttentionSwapMethod):
                     "shape": [new.dim, new.dim],  # W_QK^h
                     "rank": float(new.head_dim),
                     "ranks": [new.head_dim] * new.num_heads,
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
+                    "params_before": count_params(old),
+                    "params_after": count_params(new),
                     "rel_error": float(rel),
                     "energy": max(0.0, 1.0 - rel * rel) if math.isfinite(rel) else 0.0,
                     "seconds": float(context["seconds"].get(name, 0.0)),

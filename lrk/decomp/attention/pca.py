@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.checks import is_fraction
+from lrk.checks import is_fraction, is_int
 from lrk.decomp.attention.base import (
     AttentionSwapMethod,
     collect_attention_inputs,
@@ -65,22 +65,75 @@ from lrk.decomp.base import register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention, split_heads
 from lrk.layers.attention.pca import (
+    BASES,
     DEFAULT_RATIO,
     PCAAttention,
-    check_rank,
-    check_settings,
 )
-from lrk.layers.base import own_params
 from lrk.linalg.pca import (
     DEFAULT_PCA_SOLVER,
+    PCA_SOLVERS,
     energy_rank_of_moment,
     moment_spectrum,
     second_moment,
 )
 from lrk.linalg.rank import fraction_rank
+from lrk.measure import count_params
 from lrk.models.utils import attention_modules
 
 log = logging.getLogger(__name__)
+
+
+# --- checks (the config rules of decomp=pca; PCAAttention only refuses what it cannot run with) ------------
+def check_settings(
+    rank: int | None,
+    ratio: float | None,
+    energy: float | None,
+    basis: str,
+    center: bool,
+    solver: str,
+    niter: int,
+    oversample: int,
+) -> None:
+    """Validate the PCA settings (each bad value -> one :class:`LrkConfigError` naming it and what is valid).
+    At most one of rank / ratio / energy may be set; the rank's upper bound d_k is checked with the model."""
+    given = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
+    if len(given) > 1:
+        shown = ", ".join(f"decomp.{k}={v}" for k, v in given.items())
+        raise LrkConfigError(
+            f"{shown} is invalid for decomp=pca: set exactly one of decomp.rank (an integer in [1, d_k]), "
+            "decomp.ratio (a fraction of d_k in (0, 1]) or decomp.energy (phi in (0, 1]), or none of them "
+            "(decomp.default_ratio applies)"
+        )
+    if rank is not None and not (is_int(rank) and rank >= 1):
+        raise LrkConfigError(
+            f"decomp.rank={rank!r} is invalid: it must be an integer in [1, d_k] (d_k = dim / num_heads)"
+        )
+    if ratio is not None and not is_fraction(ratio):
+        raise LrkConfigError(f"decomp.ratio={ratio!r} is invalid: the fraction of d_k must lie in (0, 1]")
+    if energy is not None and not is_fraction(energy):
+        raise LrkConfigError(
+            f"decomp.energy={energy!r} is invalid: phi (the retained q/k second-moment energy) must lie in (0, 1]"
+        )
+    if basis not in BASES:
+        raise LrkConfigError(f"decomp.basis={basis!r} is invalid: it must be one of {', '.join(BASES)}")
+    if not isinstance(center, bool):
+        raise LrkConfigError(f"decomp.center={center!r} is invalid: it must be true or false")
+    if solver not in PCA_SOLVERS:
+        raise LrkConfigError(
+            f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(PCA_SOLVERS)}"
+        )
+    if not (is_int(niter) and niter >= 0):
+        raise LrkConfigError(f"decomp.niter={niter!r} is invalid: it must be an integer >= 0")
+    if not (is_int(oversample) and oversample >= 0):
+        raise LrkConfigError(f"decomp.oversample={oversample!r} is invalid: it must be an integer >= 0")
+
+
+def check_rank(rank: int, head_dim: int, what: str = "decomp.rank") -> None:
+    if not (is_int(rank) and 1 <= rank <= head_dim):
+        raise LrkConfigError(
+            f"{what}={rank!r} is invalid for this model: it must be an integer in [1, {head_dim}] "
+            f"(d_k = dim / num_heads = {head_dim})"
+        )
 
 
 def pca_modules(model: nn.Module) -> list[tuple[str, PCAAttention]]:
@@ -116,6 +169,11 @@ class PCAMethod(AttentionSwapMethod):
         "solver": DEFAULT_PCA_SOLVER,
         "niter": 2,
         "oversample": 4,
+    }
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"ratio": 1.0},
+        "lossy": {"rank": 1},
+        "invalid": [{"rank": 10_000}, {"ratio": 1.5}, {"basis": "bogus"}, {"calibration_batches": 0}],
     }
     needs_calibration = True
     needs_dense_attention = True
@@ -261,8 +319,8 @@ class PCAMethod(AttentionSwapMethod):
                     "shape": [2 * context["tokens"][name], new.head_dim],  # per head: joint q/k tokens x d_k
                     "rank": float(new.rank),
                     "ranks": [new.rank] * new.num_heads,
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
+                    "params_before": count_params(old),
+                    "params_after": count_params(new),
                     "rel_error": float(context["rel_error"][name]),
                     "energy": float(context["energy"][name]),
                     "seconds": float(context["seconds"][name]),

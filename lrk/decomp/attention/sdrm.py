@@ -56,6 +56,13 @@ Phase timings: every forward adds the seconds of its factorizations to ``module.
 phase; ``time/rr_s``) and its own wall time to ``stats.forward_seconds``. lrk's PhaseTimer times whole attention
 forwards as ``time/mha_s``, which therefore *includes* the t-SVD; the paper's MHA phase is ``time/mha_s`` minus
 ``time/rr_forward_s`` over the same forwards. :func:`sdrm_metrics` collects the figures of every SDRM module of a model.
+
+No hidden work in the forward: the solvers return V_r and S without U (``compute_u=False``: the Gram solver then
+forms no m x r product), so X V_r is formed once per chunk (it is U_r S_r, and carries the gradient); a batch-mode
+module has no buffer beyond the dense attention's (the basis buffers exist for ``subspace=calibrated`` only); the
+calibrated basis's rank is kept on the host, and its per-batch energy ||X V_r||^2 / ||X||^2 (two norms read by the
+host: a synchronisation on a GPU) is measured only with ``monitor: true`` (default false; the report rows give the
+basis's energy on the calibration tokens). A batch-mode t-SVD yields its energy and error with the factorization.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lrk.checks import is_fraction, is_int, is_number
 from lrk.decomp.attention.base import (
     AttentionSwapMethod,
     collect_attention_inputs,
@@ -78,17 +86,106 @@ from lrk.decomp.base import register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase
 from lrk.layers.attention.sdrm import (
+    CORES,
     DEFAULT_BLOCK_BUDGET_MB,
     DEFAULT_SOLVER,
+    SUBSPACES,
     SDRMAttention,
-    check_settings,
-    check_tokens,
 )
-from lrk.layers.base import own_params
-from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
+from lrk.linalg.adamatrix import PAPER_ENERGY, check_options
+from lrk.linalg.svd_solvers import SOLVERS
+from lrk.measure import count_params
 from lrk.models.utils import attention_modules
 
 log = logging.getLogger(__name__)
+
+
+# --- checks (the config rules of decomp=sdrm; SDRMAttention only refuses what it cannot run with) ----------
+def check_settings(
+    energy: float | None,
+    rank: int | None,
+    solver: str,
+    svd_batch_size: int | None,
+    block_size: int | str | None,
+    subspace: str,
+    block_budget_mb: float,
+    core: str = "auto",
+) -> None:
+    """Validate SDRM's settings (each bad value -> one :class:`LrkConfigError` naming it and what is valid)."""
+    if (energy is None) == (rank is None):
+        raise LrkConfigError(
+            f"decomp.energy={energy}, decomp.rank={rank} is invalid for decomp=sdrm: set exactly one of "
+            "decomp.energy (phi in (0, 1]) or decomp.rank (an integer >= 1)"
+        )
+    if energy is not None and not is_fraction(energy):
+        raise LrkConfigError(
+            f"decomp.energy={energy!r} is invalid: phi (the energy retention of Eqs. 2-3) must lie in (0, 1]"
+        )
+    if rank is not None and not (is_int(rank) and rank >= 1):
+        raise LrkConfigError(f"decomp.rank={rank!r} is invalid: it must be an integer >= 1")
+    if solver not in SOLVERS:
+        raise LrkConfigError(f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(SOLVERS)}")
+    if svd_batch_size is not None and not (is_int(svd_batch_size) and svd_batch_size >= 1):
+        raise LrkConfigError(
+            f"decomp.svd_batch_size={svd_batch_size!r} is invalid: it must be an integer >= 1 (images per "
+            "t-SVD chunk) or null (the whole batch)"
+        )
+    if block_size is not None and block_size != "adaptive" and not (is_int(block_size) and block_size >= 1):
+        raise LrkConfigError(
+            f"decomp.block_size={block_size!r} is invalid: it must be an integer >= 1 (query tokens per block), "
+            "'adaptive' or null (no blocking)"
+        )
+    if subspace not in SUBSPACES:
+        raise LrkConfigError(
+            f"decomp.subspace={subspace!r} is invalid: it must be one of {', '.join(SUBSPACES)}"
+        )
+    if core not in CORES:
+        raise LrkConfigError(f"decomp.core={core!r} is invalid: it must be one of {', '.join(CORES)}")
+    if not (is_number(block_budget_mb) and block_budget_mb > 0):
+        raise LrkConfigError(
+            f"decomp.block_budget_mb={block_budget_mb!r} is invalid: it must be a positive number"
+        )
+
+
+def check_tokens(
+    block_size: int | str | None, rank: int | None, svd_batch_size: int | None, tokens: int | None, dim: int
+) -> None:
+    """Checks that need the model: block_size <= T, and rank <= min(svd_batch_size * T, d) (rank <= d when the
+    token count T is unknown before the first forward)."""
+    if tokens is not None and is_int(block_size) and block_size > tokens:  # type: ignore[operator]
+        raise LrkConfigError(
+            f"decomp.block_size={block_size} is invalid for this model: it must lie in [1, {tokens}] "
+            f"(the attention modules see T={tokens} tokens per image), or be 'adaptive' or null"
+        )
+    if rank is not None:
+        if tokens is None:
+            limit = dim
+        else:
+            limit = dim if svd_batch_size is None else min(svd_batch_size * tokens, dim)
+        if rank > limit:
+            where = f"d={dim}" if limit == dim else f"svd_batch_size * T = {svd_batch_size} * {tokens}"
+            raise LrkConfigError(
+                f"decomp.rank={rank} is invalid for this model: the t-SVD of Y = reshape(X, (b t, d)) has at "
+                f"most min(b t, d) = {limit} components ({where}); use a rank in [1, {limit}]"
+            )
+
+
+def check_adamatrix(options: Any, rank: int | None, energy: float | None) -> dict[str, Any]:
+    """``decomp.adamatrix``: a mapping of AdaMatrix options (null values = the variant's default), validated by
+    :func:`lrk.linalg.adamatrix.check_options` without building a solver. Returns the options to pass on."""
+    if not isinstance(options, dict):
+        raise LrkConfigError(
+            f"decomp.adamatrix={options!r} is invalid: it must be a mapping of AdaMatrix options"
+        )
+    options = {k: v for k, v in options.items() if v is not None}  # null = the variant's default
+    for key in ("lambdas", "betas"):
+        if key in options and isinstance(options[key], (list, tuple)):
+            options[key] = tuple(options[key])
+    try:
+        check_options(rank=rank, energy=None if rank is not None else energy, **options)
+    except (TypeError, ValueError) as exc:
+        raise LrkConfigError(f"decomp.adamatrix={options} is invalid: {exc}") from exc
+    return options
 
 
 # --- collecting the figures of a run ---------------------------------------------------------------------
@@ -110,8 +207,10 @@ def sdrm_metrics(model: nn.Module) -> dict[str, float]:
     ``time/rr_forward_s``: the part inside forwards (inside PhaseTimer's ``time/mha_s``: the paper's MHA phase is
     ``time/mha_s - time/rr_forward_s`` over the same forwards);
     ``time/sdrm_attention_s``: wall time of the SDRM forwards (the t-SVD included); ``decomp/rank_mean``,
-    ``decomp/energy``, ``decomp/rel_error_mean``, ``decomp/cr`` (Theorem 1): means over all factorizations
-    (one per chunk per forward and layer); ``decomp/adamatrix_iterations_mean`` and
+    ``decomp/cr`` (Theorem 1): means over all factorizations (one per chunk per forward and layer);
+    ``decomp/energy``, ``decomp/rel_error_mean``: means over the factorizations that measured them (every
+    batch-mode t-SVD; a calibrated basis only with ``monitor: true``, otherwise they are left out and the
+    report's figures, measured on the calibration batches at apply, stand); ``decomp/adamatrix_iterations_mean`` and
     ``decomp/adamatrix_rel_error`` (the last factorization's relative error, averaged over layers) with
     solver=adamatrix; ``decomp/fallbacks`` (AdaMatrix diverged -> gram), ``decomp/rank_clamped``,
     ``decomp/factorizations``, ``decomp/block_size`` (mean last block size). {} without SDRM modules; the
@@ -132,9 +231,12 @@ def sdrm_metrics(model: nn.Module) -> dict[str, float]:
     }
     if n:
         out["decomp/rank_mean"] = sum(s.rank_sum for s in stats) / n
-        out["decomp/energy"] = sum(s.energy_sum for s in stats) / n
-        out["decomp/rel_error_mean"] = sum(s.rel_error_sum for s in stats) / n
         out["decomp/cr"] = sum(s.cr_sum for s in stats) / n
+    measured = sum(s.measured for s in stats)
+    # batch mode always; a calibrated basis with monitor=True only (otherwise the report's figures stand)
+    if measured:
+        out["decomp/energy"] = sum(s.energy_sum for s in stats) / measured
+        out["decomp/rel_error_mean"] = sum(s.rel_error_sum for s in stats) / measured
     ada = [
         m.stats
         for m in modules
@@ -157,8 +259,11 @@ class SDRMMethod(AttentionSwapMethod):
     """``decomp=sdrm``: every attention module (or those matching ``targets``, minus ``skip``) becomes an
     :class:`SDRMAttention` with the same weights. Keys (conf/decomp/sdrm.yaml): ``energy`` (phi) or ``rank``
     (``default_energy`` applies when both are null), ``solver``, ``svd_batch_size``, ``block_size``,
-    ``block_keys``, ``block_budget_mb``, ``subspace``, ``head_loop``, ``adamatrix`` (options of
-    :class:`~lrk.linalg.adamatrix.AdaMatrixSolver`), plus the common ``stage``, ``calibration_batches`` ...
+    ``block_keys``, ``block_budget_mb``, ``subspace``, ``head_loop``, ``core``, ``monitor`` (a calibrated
+    basis's per-forward energy; default false), ``adamatrix`` (options of
+    :class:`~lrk.linalg.adamatrix.AdaMatrixSolver`, validated by :func:`~lrk.linalg.adamatrix.check_options`
+    without building one), plus the common ``stage``, ``calibration_batches`` ... Every config rule is checked
+    here, once: in the constructor, and those that need the model in :meth:`prepare`, before anything changes.
     """
 
     supported = "the attention modules (lrk.models.AttentionBase) of a ViT/DeiT backbone"
@@ -172,7 +277,19 @@ class SDRMMethod(AttentionSwapMethod):
         "subspace": "batch",
         "head_loop": False,
         "core": "auto",
+        "monitor": False,
         "adamatrix": {},
+    }
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"energy": 1.0, "svd_batch_size": 1},
+        "lossy": {"rank": 1},
+        "invalid": [
+            {"ratio": 0.5},
+            {"rank": 10_000},
+            {"solver": "qr"},
+            {"subspace": "calibrated", "calibration_batches": 0},
+            {"targets": ["blocks.*.mlp"]},
+        ],
     }
 
     def __init__(self, cfg: Any) -> None:
@@ -196,23 +313,10 @@ class SDRMMethod(AttentionSwapMethod):
             c["block_budget_mb"],
             c["core"],
         )
-        for key in ("block_keys", "head_loop"):
+        for key in ("block_keys", "head_loop", "monitor"):
             if not isinstance(c[key], bool):
                 raise LrkConfigError(f"decomp.{key}={c[key]!r} is invalid: it must be true or false")
-        options = c["adamatrix"] or {}
-        if not isinstance(options, dict):
-            raise LrkConfigError(
-                f"decomp.adamatrix={options!r} is invalid: it must be a mapping of AdaMatrix options"
-            )
-        options = {k: v for k, v in options.items() if v is not None}  # null = the variant's default
-        if "lambdas" in options:
-            options["lambdas"] = tuple(options["lambdas"])
-        if "betas" in options:
-            options["betas"] = tuple(options["betas"])
-        try:
-            AdaMatrixSolver(rank=rank, energy=None if rank is not None else energy, **options)
-        except (TypeError, ValueError) as exc:
-            raise LrkConfigError(f"decomp.adamatrix={options} is invalid: {exc}") from exc
+        options = check_adamatrix(c["adamatrix"] or {}, rank, energy)
         if c["subspace"] == "calibrated" and c["calibration_batches"] == 0:
             raise LrkConfigError(
                 "decomp.calibration_batches=0 is invalid for decomp.subspace=calibrated: the basis is fitted on "
@@ -229,6 +333,7 @@ class SDRMMethod(AttentionSwapMethod):
             "subspace": c["subspace"],
             "head_loop": c["head_loop"],
             "core": c["core"],
+            "monitor": c["monitor"],
             "adamatrix": options,
         }
 
@@ -238,9 +343,8 @@ class SDRMMethod(AttentionSwapMethod):
         """Token-count checks; for ``subspace=calibrated`` the Gram matrices of every target's calibration inputs."""
         s = self.settings
         tokens = token_count(model)
-        for _, module in targets:  # without a known T, rank <= d is checked when the modules are built
-            if tokens is not None:
-                check_tokens(s["block_size"], s["rank"], s["svd_batch_size"], tokens, module.dim)
+        for _, module in targets:  # without a known T: rank <= d here, block_size <= T at the first forward
+            check_tokens(s["block_size"], s["rank"], s["svd_batch_size"], tokens, module.dim)
         context: dict[str, Any] = {"grams": {}, "tokens": {}, "seconds": {}}
         if s["subspace"] != "calibrated":
             return context
@@ -266,6 +370,13 @@ class SDRMMethod(AttentionSwapMethod):
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
         collect_attention_inputs(model, [n for n, _ in targets], batches, accumulate)
+        for name, module in targets:  # a fixed rank must fit what the calibration tokens hold
+            limit = min(counts.get(name, 0), module.dim)
+            if s["rank"] is not None and s["rank"] > limit:
+                raise LrkConfigError(
+                    f"decomp.rank={s['rank']} is invalid: the calibration tokens of '{name}' "
+                    f"({counts.get(name, 0)} x {module.dim}) have at most {limit} components"
+                )
         return context
 
     def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> SDRMAttention:
@@ -302,8 +413,9 @@ class SDRMMethod(AttentionSwapMethod):
             if calibrated:  # the frozen basis, fitted on all calibration tokens
                 rank, energy = float(new.basis_rank), float(new.basis_energy)
                 rel = math.sqrt(max(1.0 - energy, 0.0))
-            elif n:  # the rank rule on the calibration batches' t-SVDs
-                rank, energy, rel = st.rank_sum / n, st.energy_sum / n, st.rel_error_sum / n
+            elif n:  # the rank rule on the calibration batches' t-SVDs (each measures its energy and error)
+                rank = st.rank_sum / n
+                energy, rel = st.energy_sum / st.measured, st.rel_error_sum / st.measured
             else:  # no calibration batch: the bounds the configuration promises (rank <= r or d, energy >= phi)
                 kind += "_bounds"
                 rank = float(new.rank if new.rank is not None else new.dim)
@@ -316,8 +428,8 @@ class SDRMMethod(AttentionSwapMethod):
                     "shape": [tokens or 0, new.dim],
                     "rank": float(rank),
                     "ranks": [round(rank)],
-                    "params_before": own_params(old),
-                    "params_after": own_params(new),
+                    "params_before": count_params(old),
+                    "params_after": count_params(new),
                     "rel_error": float(rel),
                     "energy": float(energy),
                     "seconds": float(st.rr_seconds + st.fit_seconds),

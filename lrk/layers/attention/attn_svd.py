@@ -40,9 +40,12 @@ as before and the truncation adds its own cost. Parameters are unchanged; what c
 r attention branch), which the report and the tests show.
 
 Statistics (``module.stats``, an :class:`AttnSVDStats`, not in the state dict): ``rank_mean`` / ``energy_mean`` per
-image, ``rel_error`` (measured ||O - O_r||_F / ||O||_F over the forwards), ``rr_seconds`` (truncation time inside
-forwards; part of PhaseTimer's ``time/mha_s``) and ``fit_seconds`` (the calibration forwards' truncation time in
-apply). :func:`attn_svd_metrics` sums them over a model (``time/rr_s``, ``time/rr_forward_s``, ``decomp/*``).
+image (accumulated on the device: no host synchronisation per forward), ``rel_error`` (measured ||O - O_r||_F /
+||O||_F over the forwards, only with ``monitor: true``: two norms read by the host in every forward, a GPU sync),
+``rr_seconds`` (truncation time inside forwards; part of PhaseTimer's ``time/mha_s``) and ``fit_seconds`` (the
+calibration forwards' truncation time in apply). :func:`attn_svd_metrics` sums them over a model (``time/rr_s``,
+``time/rr_forward_s``, ``decomp/*``). With ``monitor: false`` (the default) the report rows still hold the measured
+rel_error: ``apply`` measures it on the calibration batches, outside the fit.
 """
 
 from __future__ import annotations
@@ -52,74 +55,55 @@ from typing import Any
 
 import torch
 
-from lrk.checks import is_fraction, is_int
-from lrk.errors import LrkConfigError
+from lrk.layers.attention import args
 from lrk.layers.attention.dense import MultiHeadSelfAttention
-from lrk.layers.attention.stats import ModuleStats, clock, relative_error
+from lrk.layers.attention.stats import ModuleStats, as_float, relative_error
 from lrk.linalg.batched_svd import batched_truncation
 from lrk.linalg.rank import fraction_rank
+from lrk.measure import clock
 
 DEFAULT_RATIO = 0.5
-
-
-def check_rule(rank: int | None, ratio: float | None, energy: float | None) -> None:
-    """Exactly one of rank (an integer >= 1), ratio or energy (fractions in (0, 1]); LrkConfigError otherwise."""
-    given = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
-    if len(given) != 1:
-        listed = ", ".join(f"decomp.{k}={v}" for k, v in given.items()) or "none of them"
-        raise LrkConfigError(
-            f"decomp=attn_svd rank rule sets {listed}: set exactly one of decomp.rank (an integer in [1, min(T, D)]), "
-            "decomp.ratio (a fraction of min(T, D) in (0, 1]) or decomp.energy (phi in (0, 1])"
-        )
-    if rank is not None and not (is_int(rank) and rank >= 1):
-        raise LrkConfigError(f"decomp.rank={rank!r} is invalid: it must be an integer in [1, min(T, D)]")
-    if ratio is not None and not is_fraction(ratio):
-        raise LrkConfigError(
-            f"decomp.ratio={ratio!r} is invalid: it must be a number in (0, 1] (a fraction of min(T, D))"
-        )
-    if energy is not None and not is_fraction(energy):
-        raise LrkConfigError(
-            f"decomp.energy={energy!r} is invalid: phi (Eqs. 2-3) must be a number in (0, 1]"
-        )
-
-
-def rank_limit_error(rank: int, tokens: int, dim: int, where: str) -> LrkConfigError:
-    limit = min(tokens, dim)
-    return LrkConfigError(
-        f"decomp.rank={rank} is invalid for {where}: each image's attention output is T x D = {tokens} x {dim}, "
-        f"whose rank is at most min(T, D) = {limit}; use a rank in [1, {limit}]"
-    )
 
 
 @dataclass
 class AttnSVDStats(ModuleStats):
     """What an :class:`SVDOutputAttention` did since it was built (or ``reset``). Not part of the state dict.
 
-    Sums over images (one truncation per image per forward) and forwards; the means are properties.
+    Sums over images (one truncation per image per forward) and forwards; the means are properties. ``rank_sum``,
+    ``energy_sum``, ``rank_min`` and ``rank_max`` are accumulated on the device (0-d tensors once a forward ran:
+    no host synchronisation per forward; the properties read them). ``error_sq`` / ``norm_sq`` are measured only
+    by a module with ``monitor=True`` (``monitored`` forwards).
     """
 
     forwards: int = 0
     images: int = 0
-    rank_sum: float = 0.0
-    energy_sum: float = 0.0  # retained energy sum_{i<=r} s_i^2 / ||O_i||^2, summed over images
-    rank_min: int = 0
-    rank_max: int = 0
-    error_sq: float = 0.0  # measured ||O - O_r||_F^2, summed over forwards
-    norm_sq: float = 0.0  # ||O||_F^2, summed over forwards
+    rank_sum: Any = 0.0
+    energy_sum: Any = 0.0  # retained sum_{i<=r} s_i^2 / ||O_i||^2 (from the spectrum), summed over images
+    rank_min: Any = 0
+    rank_max: Any = 0
+    monitored: int = 0  # forwards that measured error_sq / norm_sq
+    error_sq: float = 0.0  # measured ||O - O_r||_F^2, summed over the monitored forwards
+    norm_sq: float = 0.0  # ||O||_F^2, summed over the monitored forwards
     rr_seconds: float = 0.0  # truncation time inside forwards
     fit_seconds: float = 0.0  # truncation time of the calibration forwards in apply
 
     @property
     def rank_mean(self) -> float:
-        return self.rank_sum / self.images if self.images else 0.0
+        return as_float(self.rank_sum) / self.images if self.images else 0.0
 
     @property
     def energy_mean(self) -> float:
-        return self.energy_sum / self.images if self.images else 0.0
+        return as_float(self.energy_sum) / self.images if self.images else 0.0
+
+    @property
+    def rank_range(self) -> tuple[int, int]:
+        """(smallest, largest) rank of an image since the last reset ((0, 0) before any)."""
+        return int(self.rank_min), int(self.rank_max)
 
     @property
     def rel_error(self) -> float:
-        """||O - O_r||_F / ||O||_F over every forward since the last reset (measured, not from the spectrum)."""
+        """||O - O_r||_F / ||O||_F over the monitored forwards since the last reset (measured, not from the
+        spectrum; 0.0 when none was monitored)."""
         return relative_error(self.error_sq, self.norm_sq)
 
 
@@ -129,8 +113,16 @@ class SVDOutputAttention(MultiHeadSelfAttention):
 
     The parameters of :class:`~lrk.models.MultiHeadSelfAttention` and no others, so
     ``SVDOutputAttention.from_attention(dense, rank=16)`` copies the dense weights and checkpoints load both ways.
-    Exactly one of ``rank`` / ``ratio`` / ``energy`` (none: ratio 0.5). See the module docstring.
+    At most one of ``rank`` / ``ratio`` / ``energy`` (none: ratio 0.5). See the module docstring.
+
+    ``monitor`` (default False): also measure ||O - O_r||_F and ||O||_F in every forward (host reads inside the
+    forward: a synchronisation on a GPU), for ``stats.rel_error``. Off, the forward records ranks and retained
+    energies on the device only; ``decomp=attn_svd`` measures the error on the calibration batches at apply.
+    The arguments are checked only for what the module cannot run with (ValueError); the config rules are
+    :class:`lrk.decomp.attention.attn_svd.AttnSVDMethod`'s.
     """
+
+    monitor: bool = False  # default of an attribute newer than some checkpoints (unpickled skeletons)
 
     def __init__(
         self,
@@ -142,19 +134,22 @@ class SVDOutputAttention(MultiHeadSelfAttention):
         rank: int | None = None,
         ratio: float | None = None,
         energy: float | None = None,
+        monitor: bool = False,
         layer_name: str = "attn",
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        who = f"SVDOutputAttention '{layer_name}'"
+        args.at_most_one(who, rank=rank, ratio=ratio, energy=energy)
         if rank is None and ratio is None and energy is None:
             ratio = DEFAULT_RATIO
-        check_rule(rank, ratio, energy)
-        if rank is not None and rank > dim:
-            raise LrkConfigError(
-                f"decomp.rank={rank} is invalid for attention of dim {dim}: it must lie in [1, min(T, {dim})]"
-            )
+        args.integer(who, "rank", rank, 1, dim, True, f"each image's output is T x D, D = dim = {dim}")
+        args.fraction(who, "ratio", ratio)
+        args.fraction(who, "energy", energy)
+        args.flag(who, "monitor", monitor)
         self.rank = rank
         self.ratio = None if ratio is None else float(ratio)
         self.energy = None if energy is None else float(energy)
+        self.monitor = monitor
         self.layer_name = layer_name
         self.stats = AttnSVDStats()
 
@@ -164,6 +159,7 @@ class SVDOutputAttention(MultiHeadSelfAttention):
             "rank": self.rank,
             "ratio": self.ratio,
             "energy": self.energy,
+            "monitor": self.monitor,
             "layer_name": self.layer_name,
         }
 
@@ -178,18 +174,23 @@ class SVDOutputAttention(MultiHeadSelfAttention):
         return f"dim={self.dim}, heads={self.num_heads}, {rule}"
 
     def fixed_rank(self, tokens: int) -> int | None:
-        """The rank of every image for T = ``tokens`` (None under the energy rule, which picks it per image)."""
+        """The rank of every image for T = ``tokens`` (None under the energy rule, which picks it per image);
+        ValueError when a fixed rank exceeds min(T, D)."""
         limit = min(tokens, self.dim)
         if self.rank is not None:
             if self.rank > limit:
-                raise rank_limit_error(self.rank, tokens, self.dim, f"attention module '{self.layer_name}'")
+                raise ValueError(
+                    f"SVDOutputAttention '{self.layer_name}': rank={self.rank} is invalid for inputs of T={tokens} "
+                    f"tokens: each image's output is T x D = {tokens} x {self.dim}, of rank at most {limit}"
+                )
             return self.rank
         if self.ratio is not None:
             return fraction_rank(self.ratio, limit)
         return None
 
     def truncate(self, out: torch.Tensor) -> torch.Tensor:
-        """Each image's O_i ([T, D] of ``out`` [B, T, D]) -> its best rank-r approximation; records the stats."""
+        """Each image's O_i ([T, D] of ``out`` [B, T, D]) -> its best rank-r approximation; records the stats
+        (on the device; the measured error only with ``monitor``)."""
         batch, tokens, _ = out.shape
         rank = self.fixed_rank(tokens)
         sync = out.is_cuda
@@ -200,17 +201,19 @@ class SVDOutputAttention(MultiHeadSelfAttention):
         seconds = clock(sync) - start
         st = self.stats
         with torch.no_grad():
-            error_sq = float(torch.linalg.vector_norm((out - projected).detach(), dtype=torch.float64) ** 2)
-            norm_sq = float(torch.linalg.vector_norm(out.detach(), dtype=torch.float64) ** 2)
-        low, high = int(ranks.min()), int(ranks.max())
-        st.rank_min = low if st.images == 0 else min(st.rank_min, low)
-        st.rank_max = max(st.rank_max, high)
+            low, high = ranks.min(), ranks.max()
+            st.rank_min = low if st.images == 0 else torch.minimum(torch.as_tensor(st.rank_min), low)
+            st.rank_max = high if st.images == 0 else torch.maximum(torch.as_tensor(st.rank_max), high)
+            st.rank_sum = st.rank_sum + ranks.sum().double()
+            st.energy_sum = st.energy_sum + retained.sum()
+            if self.monitor:
+                st.monitored += 1
+                st.error_sq += float(
+                    torch.linalg.vector_norm((out - projected).detach(), dtype=torch.float64) ** 2
+                )
+                st.norm_sq += float(torch.linalg.vector_norm(out.detach(), dtype=torch.float64) ** 2)
         st.forwards += 1
         st.images += batch
-        st.rank_sum += float(ranks.sum())
-        st.energy_sum += float(retained.sum())
-        st.error_sq += error_sq
-        st.norm_sq += norm_sq
         st.rr_seconds += seconds
         return projected
 

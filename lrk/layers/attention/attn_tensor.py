@@ -47,8 +47,11 @@ rank 33 with 20 ALS sweeps: 0.34 s (batch) and 0.56-0.79 s (image); the dense pr
 Statistics: every module keeps a :class:`TensorAttentionStats` in ``module.stats`` (not in the state dict):
 ``forwards``, ``decompositions`` (TensorLy calls: one per forward with scope=batch, one per image with
 scope=image), ``head_rank_sum`` / ``query_rank_sum`` / ``key_rank_sum`` (sums over decompositions; means by
-``rank_mean()``), ``energy_sum``, ``decompose_seconds`` (TensorLy + core projection / least squares + energy,
-inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns them into run metrics.
+``rank_mean()``), ``energy_sum`` over the ``measured`` decompositions (``monitor: true`` only: ||A_hat||^2 and
+||A||^2 are read by the host in every forward, a GPU sync; with the default ``monitor: false`` the report's energy,
+measured on the calibration batches at apply, stands), ``decompose_seconds`` (TensorLy + core projection / least
+squares, + the energy when monitored, inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns
+them into run metrics.
 """
 
 from __future__ import annotations
@@ -59,10 +62,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lrk.checks import is_fraction, is_int
-from lrk.errors import LrkConfigError
+from lrk.layers.attention import args
 from lrk.layers.attention.dense import MultiHeadSelfAttention
-from lrk.layers.attention.stats import ModuleStats, clock
+from lrk.layers.attention.stats import ModuleStats
 from lrk.linalg.attention_tensor import (
     cp_apply,
     cp_energy,
@@ -78,88 +80,12 @@ from lrk.linalg.attention_tensor import (
     tucker_to_tensor,
 )
 from lrk.linalg.rank import fraction_rank
+from lrk.measure import clock
 
 DECOMPOSITIONS = ("tucker", "cp")
 SCOPES = ("batch", "image")
 DEFAULT_RATIO = 0.5
 DEFAULT_CP_ITERS = 20
-
-
-# --- checks -----------------------------------------------------------------------------------------------
-def check_settings(
-    decomposition: Any,
-    scope: Any,
-    rank: Any,
-    head_rank: Any,
-    ratio: Any,
-    energy: Any,
-    hooi_iters: Any = 0,
-    cp_iters: Any = DEFAULT_CP_ITERS,
-) -> None:
-    """Validate the settings that need no model (each bad value -> one :class:`LrkConfigError` naming it)."""
-    if decomposition not in DECOMPOSITIONS:
-        raise LrkConfigError(
-            f"decomp.decomposition={decomposition!r} is invalid: it must be one of {', '.join(DECOMPOSITIONS)}"
-        )
-    if scope not in SCOPES:
-        raise LrkConfigError(f"decomp.scope={scope!r} is invalid: it must be one of {', '.join(SCOPES)}")
-    chosen = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
-    if len(chosen) > 1:
-        given = ", ".join(f"decomp.{k}={v}" for k, v in chosen.items())
-        raise LrkConfigError(
-            f"{given} is invalid for decomp=attn_tensor: set exactly one of decomp.rank (token-mode rank, an integer "
-            "in [1, T]), decomp.ratio (R_t = ceil(ratio T), ratio in (0, 1]) or decomp.energy (phi in (0, 1], tucker)"
-        )
-    if rank is not None and not (is_int(rank) and rank >= 1):
-        raise LrkConfigError(
-            f"decomp.rank={rank!r} is invalid: it must be an integer in [1, T] (tokens per image)"
-        )
-    if ratio is not None and not is_fraction(ratio):
-        raise LrkConfigError(
-            f"decomp.ratio={ratio!r} is invalid: it must lie in (0, 1] (R_t = ceil(ratio T))"
-        )
-    if energy is not None and not is_fraction(energy):
-        raise LrkConfigError(
-            f"decomp.energy={energy!r} is invalid: phi (the energy kept of each mode unfolding) must lie in (0, 1]"
-        )
-    if energy is not None and decomposition == "cp":
-        raise LrkConfigError(
-            f"decomp.energy={energy} is invalid with decomp.decomposition=cp: the energy rule reads the mode "
-            "unfoldings' spectra (Tucker); for cp set decomp.rank (the CP rank, in [1, T]) or decomp.ratio"
-        )
-    if head_rank is not None and not (is_int(head_rank) and head_rank >= 1):
-        raise LrkConfigError(
-            f"decomp.head_rank={head_rank!r} is invalid: it must be an integer in [1, H] (heads) or null (= H)"
-        )
-    if head_rank is not None and decomposition == "cp":
-        raise LrkConfigError(
-            f"decomp.head_rank={head_rank} is invalid with decomp.decomposition=cp: a CP model has one rank "
-            "(decomp.rank); head_rank is the Tucker head-mode rank, set it to null"
-        )
-    if not (is_int(hooi_iters) and hooi_iters >= 0):
-        raise LrkConfigError(
-            f"decomp.hooi_iters={hooi_iters!r} is invalid: it must be an integer >= 0 (0 = truncated HOSVD)"
-        )
-    if not (is_int(cp_iters) and cp_iters >= 1):
-        raise LrkConfigError(
-            f"decomp.cp_iters={cp_iters!r} is invalid: it must be an integer >= 1 (ALS sweeps)"
-        )
-
-
-def check_model(
-    rank: int | None, head_rank: int | None, tokens: int | None, heads: int, what: str = ""
-) -> None:
-    """Checks that need the model: rank <= T (tokens per image) and head_rank <= H."""
-    if rank is not None and tokens is not None and rank > tokens:
-        raise LrkConfigError(
-            f"decomp.rank={rank} is invalid for this model{what}: the attention tensor has T={tokens} tokens per "
-            f"query/key mode; use a rank in [1, {tokens}]"
-        )
-    if head_rank is not None and head_rank > heads:
-        raise LrkConfigError(
-            f"decomp.head_rank={head_rank} is invalid for this model{what}: the attention has H={heads} heads; "
-            f"use a head_rank in [1, {heads}]"
-        )
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -172,7 +98,8 @@ class TensorAttentionStats(ModuleStats):
     head_rank_sum: float = 0.0
     query_rank_sum: float = 0.0
     key_rank_sum: float = 0.0
-    energy_sum: float = 0.0  # retained energy ||A_hat||^2 / ||A||^2 per decomposition
+    measured: int = 0  # decompositions whose retained energy was measured (monitor=True)
+    energy_sum: float = 0.0  # retained energy ||A_hat||^2 / ||A||^2, summed over the measured decompositions
     decompose_seconds: float = 0.0  # TensorLy + core projection / least squares, inside forwards
     forward_seconds: float = 0.0
 
@@ -187,7 +114,8 @@ class TensorAttentionStats(ModuleStats):
         return [self.head_rank_sum / n, self.query_rank_sum / n, self.key_rank_sum / n]
 
     def energy_mean(self) -> float:
-        return self.energy_sum / self.decompositions if self.decompositions else 0.0
+        """Mean retained energy over the measured decompositions (0 before any)."""
+        return self.energy_sum / self.measured if self.measured else 0.0
 
 
 class Approximation(NamedTuple):
@@ -203,7 +131,7 @@ class Approximation(NamedTuple):
     core: torch.Tensor | None
     factors: tuple[torch.Tensor, ...]
     ranks: tuple[int, int, int]
-    energy: float
+    energy: float | None  # ||A_hat||^2 / ||A||^2; None when not measured (monitor=False)
 
 
 # --- the attention module -----------------------------------------------------------------------------------
@@ -212,7 +140,15 @@ class TensorAttention(MultiHeadSelfAttention):
     approximation A_hat every forward; the output is A_hat V per head, then ``proj`` (module docstring).
 
     Same parameters as :class:`~lrk.models.MultiHeadSelfAttention`: ``from_attention(dense, rank=16)`` copies them.
+
+    ``monitor`` (default False): also measure the retained energy ||A_hat||^2 / ||A||^2 of every decomposition
+    (norms read by the host inside the forward: a synchronisation on a GPU). Off, the forward records the ranks
+    and the seconds only (``Approximation.energy`` is None); ``decomp=attn_tensor`` measures the energy on the
+    calibration batches at apply. The arguments are checked only for what the module cannot run with
+    (ValueError); the config rules are :class:`lrk.decomp.attention.attn_tensor.AttnTensorMethod`'s.
     """
+
+    monitor: bool = False  # default of an attribute newer than some checkpoints (unpickled skeletons)
 
     def __init__(
         self,
@@ -229,13 +165,30 @@ class TensorAttention(MultiHeadSelfAttention):
         energy: float | None = None,
         hooi_iters: int = 0,
         cp_iters: int = DEFAULT_CP_ITERS,
+        monitor: bool = False,
         layer_name: str = "attn",
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        who = f"TensorAttention '{layer_name}'"
+        args.choice(who, "decomposition", decomposition, DECOMPOSITIONS)
+        args.choice(who, "scope", scope, SCOPES)
+        args.at_most_one(who, rank=rank, ratio=ratio, energy=energy)
         if rank is None and ratio is None and energy is None:
             ratio = DEFAULT_RATIO
-        check_settings(decomposition, scope, rank, head_rank, ratio, energy, hooi_iters, cp_iters)
-        check_model(rank, head_rank, None, num_heads, f" ('{layer_name}')")
+        args.integer(who, "rank", rank, 1, optional=True)  # <= T: checked against each input's T
+        args.fraction(who, "ratio", ratio)
+        args.fraction(who, "energy", energy)
+        args.integer(
+            who, "head_rank", head_rank, 1, num_heads, True, f"the attention has H = {num_heads} heads"
+        )
+        if decomposition == "cp" and (energy is not None or head_rank is not None):
+            raise ValueError(
+                f"{who}: decomposition='cp' takes neither energy nor head_rank (a CP model has one rank: rank "
+                "or ratio)"
+            )
+        args.integer(who, "hooi_iters", hooi_iters, 0)
+        args.integer(who, "cp_iters", cp_iters, 1)
+        args.flag(who, "monitor", monitor)
         self.decomposition = decomposition
         self.scope = scope
         self.rank = rank
@@ -244,6 +197,7 @@ class TensorAttention(MultiHeadSelfAttention):
         self.energy = None if energy is None else float(energy)
         self.hooi_iters = hooi_iters
         self.cp_iters = cp_iters
+        self.monitor = monitor
         self.layer_name = layer_name
         self.stats = TensorAttentionStats()
 
@@ -258,6 +212,7 @@ class TensorAttention(MultiHeadSelfAttention):
             "energy": self.energy,
             "hooi_iters": self.hooi_iters,
             "cp_iters": self.cp_iters,
+            "monitor": self.monitor,
             "layer_name": self.layer_name,
         }
 
@@ -281,9 +236,13 @@ class TensorAttention(MultiHeadSelfAttention):
         return scores.softmax(dim=-1), v
 
     def token_rank(self, tokens: int) -> int:
-        """R_t from ``rank`` or ``ratio`` for T = ``tokens`` (LrkConfigError when rank > T)."""
+        """R_t from ``rank`` or ``ratio`` for T = ``tokens`` (ValueError when rank > T)."""
         if self.rank is not None:
-            check_model(self.rank, None, tokens, self.num_heads, f" ('{self.layer_name}')")
+            if self.rank > tokens:
+                raise ValueError(
+                    f"TensorAttention '{self.layer_name}': rank={self.rank} is invalid for inputs of T={tokens} "
+                    f"tokens: the attention tensor's query/key modes have T entries; it must lie in [1, {tokens}]"
+                )
             return self.rank
         assert self.ratio is not None
         return fraction_rank(self.ratio, tokens)
@@ -301,9 +260,8 @@ class TensorAttention(MultiHeadSelfAttention):
             ranks = [self.head_rank or self.num_heads, r, r]
         factors = tucker_factors(A, ranks, modes, n_iter_max=self.hooi_iters)
         core = project_core(A, factors, modes)
-        return Approximation(
-            "tucker", start, start + A.shape[0], core, tuple(factors), tuple(ranks), tucker_energy(core, A)
-        )
+        energy = tucker_energy(core, A) if self.monitor else None
+        return Approximation("tucker", start, start + A.shape[0], core, tuple(factors), tuple(ranks), energy)
 
     def _cp(self, A: torch.Tensor, start: int) -> Approximation:
         """CP of the stacked tensor [H, n T, T]; the query factor re-solved from A by least squares."""
@@ -312,7 +270,7 @@ class TensorAttention(MultiHeadSelfAttention):
         stacked = stacked_query_tensor(A)
         factors = cp_factors(stacked, r, n_iter_max=self.cp_iters)
         query = cp_solve_factor(stacked, factors, 1)  # differentiable in A (head and key factors constant)
-        energy = cp_energy([factors[0], query, factors[2]], stacked)
+        energy = cp_energy([factors[0], query, factors[2]], stacked) if self.monitor else None
         return Approximation(
             "cp",
             start,
@@ -336,7 +294,9 @@ class TensorAttention(MultiHeadSelfAttention):
             st.head_rank_sum += approx.ranks[0]
             st.query_rank_sum += approx.ranks[1]
             st.key_rank_sum += approx.ranks[2]
-            st.energy_sum += approx.energy
+            if approx.energy is not None:
+                st.measured += 1
+                st.energy_sum += approx.energy
             out.append(approx)
         return out
 

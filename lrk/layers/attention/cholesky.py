@@ -47,8 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrk.checks import is_number
-from lrk.errors import LrkConfigError
+from lrk.layers.attention import args
 from lrk.layers.attention.dense import AttentionBase
 from lrk.linalg.psd import nearest_spd_factor, pack_tril, tril_size, unpack_tril
 
@@ -141,9 +140,12 @@ class CholeskyAttention(AttentionBase):
         :class:`~lrk.models.MultiHeadSelfAttention`): ``init='dense'`` factors each head's W_Q W_K^T into the
         nearest positive-definite W L L^T W^T, ``init='identity'`` takes W = W_Q, L = I (module docstring).
         ``v`` and ``proj`` are copied. The result is on ``other``'s device/dtype and in its train/eval mode.
-        Raises :class:`LrkConfigError` for a module without such a ``qkv`` or a bad ``init`` / ``eps``."""
-        check_init(init, allow_auto=False)
-        check_eps(eps)
+        Raises ValueError for a module without such a ``qkv`` or an impossible ``init`` / ``eps`` (the config
+        rules, e.g. ``init: auto``, are :class:`lrk.decomp.attention.cholesky.CholeskyMethod`'s)."""
+        who = "CholeskyAttention.from_attention"
+        args.choice(who, "init", init, INITS[1:])
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1):
+            raise ValueError(f"{who}: eps={eps!r} is invalid: it must be a number in (0, 1)")
         qkv = dense_qkv(other)
         kwargs = {
             "dim": other.dim,
@@ -201,13 +203,13 @@ def _shared_bias(
 
 
 def dense_qkv(module: nn.Module) -> nn.Linear:
-    """The ``qkv`` Linear(dim, 3 dim) of a dense attention module; :class:`LrkConfigError` when it has none."""
+    """The ``qkv`` Linear(dim, 3 dim) of a dense attention module; ValueError when it has none."""
     qkv = getattr(module, "qkv", None)
     dim = getattr(module, "dim", None)
     if not (isinstance(qkv, nn.Linear) and dim is not None and tuple(qkv.weight.shape) == (3 * dim, dim)):
-        raise LrkConfigError(
-            f"decomp=cholesky cannot build from attention module {type(module).__name__}: it needs a dense "
-            "attention with a qkv Linear(dim, 3 dim) laid out [q | k | v] (lrk.models.MultiHeadSelfAttention)"
+        raise ValueError(
+            f"CholeskyAttention cannot be built from {type(module).__name__}: it needs a dense attention with a "
+            "qkv Linear(dim, 3 dim) laid out [q | k | v] (lrk.models.MultiHeadSelfAttention)"
         )
     return qkv
 
@@ -230,20 +232,3 @@ def qk_rel_errors(dense: nn.Module, new: CholeskyAttention) -> torch.Tensor:
         norm = torch.linalg.matrix_norm(ref)
     zero = torch.where(diff > 0, torch.full_like(diff, math.inf), torch.zeros_like(diff))
     return torch.where(norm > 0, diff / norm.clamp_min(torch.finfo(norm.dtype).tiny), zero)
-
-
-# --- checks -----------------------------------------------------------------------------------------------
-def check_init(init: Any, allow_auto: bool = True) -> None:
-    """``init`` must be one of auto|dense|identity (auto only at the config level)."""
-    valid = INITS if allow_auto else INITS[1:]
-    if init not in valid:
-        raise LrkConfigError(f"decomp.init={init!r} is invalid: it must be one of {', '.join(valid)}")
-
-
-def check_eps(eps: Any) -> None:
-    """``eps`` (the positive-definite shift, relative to the largest |eigenvalue|) must lie in (0, 1)."""
-    if not (is_number(eps) and 0 < eps < 1):
-        raise LrkConfigError(
-            f"decomp.eps={eps!r} is invalid: it must be a number in (0, 1) (the shift that makes W_QK positive "
-            "definite, relative to its largest |eigenvalue|; default 1e-6)"
-        )

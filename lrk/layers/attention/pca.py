@@ -53,10 +53,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lrk.checks import is_fraction, is_int
-from lrk.errors import LrkConfigError
+from lrk.layers.attention import args
 from lrk.layers.attention.dense import MultiHeadSelfAttention
-from lrk.layers.attention.stats import ModuleStats, clock
+from lrk.layers.attention.stats import ModuleStats
 from lrk.linalg.pca import (
     DEFAULT_PCA_SOLVER,
     PCA_SOLVERS,
@@ -64,62 +63,10 @@ from lrk.linalg.pca import (
     principal_basis,
 )
 from lrk.linalg.rank import fraction_rank
+from lrk.measure import clock
 
 BASES = ("batch", "calibrated")
 DEFAULT_RATIO = 0.5
-
-
-# --- checks -----------------------------------------------------------------------------------------------
-def check_settings(
-    rank: int | None,
-    ratio: float | None,
-    energy: float | None,
-    basis: str,
-    center: bool,
-    solver: str,
-    niter: int,
-    oversample: int,
-) -> None:
-    """Validate the PCA settings (each bad value -> one :class:`LrkConfigError` naming it and what is valid).
-    At most one of rank / ratio / energy may be set; the rank's upper bound d_k is checked with the model."""
-    given = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None}
-    if len(given) > 1:
-        shown = ", ".join(f"decomp.{k}={v}" for k, v in given.items())
-        raise LrkConfigError(
-            f"{shown} is invalid for decomp=pca: set exactly one of decomp.rank (an integer in [1, d_k]), "
-            "decomp.ratio (a fraction of d_k in (0, 1]) or decomp.energy (phi in (0, 1]), or none of them "
-            "(decomp.default_ratio applies)"
-        )
-    if rank is not None and not (is_int(rank) and rank >= 1):
-        raise LrkConfigError(
-            f"decomp.rank={rank!r} is invalid: it must be an integer in [1, d_k] (d_k = dim / num_heads)"
-        )
-    if ratio is not None and not is_fraction(ratio):
-        raise LrkConfigError(f"decomp.ratio={ratio!r} is invalid: the fraction of d_k must lie in (0, 1]")
-    if energy is not None and not is_fraction(energy):
-        raise LrkConfigError(
-            f"decomp.energy={energy!r} is invalid: phi (the retained q/k second-moment energy) must lie in (0, 1]"
-        )
-    if basis not in BASES:
-        raise LrkConfigError(f"decomp.basis={basis!r} is invalid: it must be one of {', '.join(BASES)}")
-    if not isinstance(center, bool):
-        raise LrkConfigError(f"decomp.center={center!r} is invalid: it must be true or false")
-    if solver not in PCA_SOLVERS:
-        raise LrkConfigError(
-            f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(PCA_SOLVERS)}"
-        )
-    if not (is_int(niter) and niter >= 0):
-        raise LrkConfigError(f"decomp.niter={niter!r} is invalid: it must be an integer >= 0")
-    if not (is_int(oversample) and oversample >= 0):
-        raise LrkConfigError(f"decomp.oversample={oversample!r} is invalid: it must be an integer >= 0")
-
-
-def check_rank(rank: int, head_dim: int, what: str = "decomp.rank") -> None:
-    if not (is_int(rank) and 1 <= rank <= head_dim):
-        raise LrkConfigError(
-            f"{what}={rank!r} is invalid for this model: it must be an integer in [1, {head_dim}] "
-            f"(d_k = dim / num_heads = {head_dim})"
-        )
 
 
 # --- the attention module -----------------------------------------------------------------------------------
@@ -138,7 +85,9 @@ class PCAAttention(MultiHeadSelfAttention):
 
     The parameters of :class:`~lrk.models.MultiHeadSelfAttention` (``qkv``, ``proj``), so
     ``PCAAttention.from_attention(dense, rank=4)`` copies its weights. ``basis='calibrated'`` adds the buffer
-    ``pca_basis`` ([H, d_k, r]), set by :meth:`fit_basis` or by loading a state dict.
+    ``pca_basis`` ([H, d_k, r]), set by :meth:`fit_basis` or by loading a state dict. The arguments are checked
+    only for what the module cannot run with (ValueError); the config rules are
+    :class:`lrk.decomp.attention.pca.PCAMethod`'s.
     """
 
     def __init__(
@@ -157,9 +106,15 @@ class PCAAttention(MultiHeadSelfAttention):
         layer_name: str = "attn",
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
-        check_settings(rank, None, None, basis, center, solver, niter, oversample)
-        rank = fraction_rank(DEFAULT_RATIO, self.head_dim) if rank is None else rank
-        check_rank(rank, self.head_dim)
+        who = f"PCAAttention '{layer_name}'"
+        hd = self.head_dim
+        args.integer(who, "rank", rank, 1, hd, True, f"d_k = dim / num_heads = {hd}")
+        args.choice(who, "basis", basis, BASES)
+        args.flag(who, "center", center)
+        args.choice(who, "solver", solver, PCA_SOLVERS)
+        args.integer(who, "niter", niter, 0)
+        args.integer(who, "oversample", oversample, 0)
+        rank = fraction_rank(DEFAULT_RATIO, hd) if rank is None else rank
         self.rank = int(rank)
         self.basis_mode = basis
         self.center = center

@@ -56,6 +56,13 @@ Phase timings: every forward adds the seconds of its factorizations to ``module.
 phase; ``time/rr_s``) and its own wall time to ``stats.forward_seconds``. lrk's PhaseTimer times whole attention
 forwards as ``time/mha_s``, which therefore *includes* the t-SVD; the paper's MHA phase is ``time/mha_s`` minus
 ``time/rr_forward_s`` over the same forwards. :func:`sdrm_metrics` collects the figures of every SDRM module of a model.
+
+No hidden work in the forward: the solvers return V_r and S without U (``compute_u=False``: the Gram solver then
+forms no m x r product), so X V_r is formed once per chunk (it is U_r S_r, and carries the gradient); a batch-mode
+module has no buffer beyond the dense attention's (the basis buffers exist for ``subspace=calibrated`` only); the
+calibrated basis's rank is kept on the host, and its per-batch energy ||X V_r||^2 / ||X||^2 (two norms read by the
+host: a synchronisation on a GPU) is measured only with ``monitor: true`` (default false; the report rows give the
+basis's energy on the calibration tokens). A batch-mode t-SVD yields its energy and error with the factorization.
 """
 
 from __future__ import annotations
@@ -69,92 +76,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lrk.checks import is_fraction, is_int, is_number
-from lrk.errors import LrkConfigError
+from lrk.layers.attention import args
 from lrk.layers.attention.blockwise import (
     DEFAULT_BLOCK_BUDGET_MB,
     AdaptiveBlockSize,
     blockwise_attention,
 )
 from lrk.layers.attention.dense import MultiHeadSelfAttention, split_heads
-from lrk.layers.attention.stats import ModuleStats, clock
+from lrk.layers.attention.stats import ModuleStats
 from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
 from lrk.linalg.adamatrix import adamatrix as adamatrix_svd
 from lrk.linalg.rank import energy_rank, tsvd_compression_ratio
 from lrk.linalg.svd_solvers import SOLVERS, truncated_svd
 from lrk.linalg.tsvd import TruncatedSVD, gram_svd, small_lapack_threads
+from lrk.measure import clock
 
 log = logging.getLogger(__name__)
 
 SUBSPACES = ("batch", "calibrated")
 CORES = ("auto", "qkv", "factored")
 DEFAULT_SOLVER = "gram"  # benchmarks/tsvd.py: exact, and the fastest exact solver on ViT token matrices
-
-
-# --- checks -----------------------------------------------------------------------------------------------
-def check_settings(
-    energy: float | None,
-    rank: int | None,
-    solver: str,
-    svd_batch_size: int | None,
-    block_size: int | str | None,
-    subspace: str,
-    block_budget_mb: float,
-    core: str = "auto",
-) -> None:
-    """Validate SDRM's settings (each bad value -> one :class:`LrkConfigError` naming it and what is valid)."""
-    if (energy is None) == (rank is None):
-        raise LrkConfigError(
-            f"decomp.energy={energy}, decomp.rank={rank} is invalid for decomp=sdrm: set exactly one of "
-            "decomp.energy (phi in (0, 1]) or decomp.rank (an integer >= 1)"
-        )
-    if energy is not None and not is_fraction(energy):
-        raise LrkConfigError(
-            f"decomp.energy={energy!r} is invalid: phi (the energy retention of Eqs. 2-3) must lie in (0, 1]"
-        )
-    if rank is not None and not (is_int(rank) and rank >= 1):
-        raise LrkConfigError(f"decomp.rank={rank!r} is invalid: it must be an integer >= 1")
-    if solver not in SOLVERS:
-        raise LrkConfigError(f"decomp.solver={solver!r} is invalid: it must be one of {', '.join(SOLVERS)}")
-    if svd_batch_size is not None and not (is_int(svd_batch_size) and svd_batch_size >= 1):
-        raise LrkConfigError(
-            f"decomp.svd_batch_size={svd_batch_size!r} is invalid: it must be an integer >= 1 (images per "
-            "t-SVD chunk) or null (the whole batch)"
-        )
-    if block_size is not None and block_size != "adaptive" and not (is_int(block_size) and block_size >= 1):
-        raise LrkConfigError(
-            f"decomp.block_size={block_size!r} is invalid: it must be an integer >= 1 (query tokens per block), "
-            "'adaptive' or null (no blocking)"
-        )
-    if subspace not in SUBSPACES:
-        raise LrkConfigError(
-            f"decomp.subspace={subspace!r} is invalid: it must be one of {', '.join(SUBSPACES)}"
-        )
-    if core not in CORES:
-        raise LrkConfigError(f"decomp.core={core!r} is invalid: it must be one of {', '.join(CORES)}")
-    if not (is_number(block_budget_mb) and block_budget_mb > 0):
-        raise LrkConfigError(
-            f"decomp.block_budget_mb={block_budget_mb!r} is invalid: it must be a positive number"
-        )
-
-
-def check_tokens(
-    block_size: int | str | None, rank: int | None, svd_batch_size: int | None, tokens: int, dim: int
-) -> None:
-    """Checks that need the token count T: block_size <= T, and rank <= min(svd_batch_size * T, d)."""
-    if is_int(block_size) and block_size > tokens:  # type: ignore[operator]
-        raise LrkConfigError(
-            f"decomp.block_size={block_size} is invalid for this model: it must lie in [1, {tokens}] "
-            f"(the attention modules see T={tokens} tokens per image), or be 'adaptive' or null"
-        )
-    if rank is not None:
-        limit = dim if svd_batch_size is None else min(svd_batch_size * tokens, dim)
-        if rank > limit:
-            where = f"d={dim}" if limit == dim else f"svd_batch_size * T = {svd_batch_size} * {tokens}"
-            raise LrkConfigError(
-                f"decomp.rank={rank} is invalid for this model: the t-SVD of Y = reshape(X, (b t, d)) has at "
-                f"most min(b t, d) = {limit} components ({where}); use a rank in [1, {limit}]"
-            )
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -164,9 +105,10 @@ class SDRMStats(ModuleStats):
 
     forwards: int = 0
     factorizations: int = 0  # t-SVDs (one per chunk per forward; one per forward for a calibrated basis)
+    measured: int = 0  # factorizations that recorded energy / rel_error (batch: all; calibrated: monitor)
     rank_sum: float = 0.0
-    energy_sum: float = 0.0
-    rel_error_sum: float = 0.0
+    energy_sum: float = 0.0  # over the ``measured`` factorizations
+    rel_error_sum: float = 0.0  # over the ``measured`` factorizations
     cr_sum: float = 0.0  # Theorem 1's compression ratio
     iterations_sum: float = 0.0  # AdaMatrix iterations
     last_rel_error: float | None = None
@@ -179,14 +121,33 @@ class SDRMStats(ModuleStats):
 
 
 # --- the attention module -----------------------------------------------------------------------------------
+BASIS_BUFFERS = ("basis", "basis_rank", "basis_energy")
+
+
 class SDRMAttention(MultiHeadSelfAttention):
     """Multi-head self-attention on a rank-r t-SVD of its input (SDRM Eq. 14, Algorithms 2 and 4).
 
     The parameters of :class:`~lrk.models.MultiHeadSelfAttention` (``qkv``: Linear(dim, 3 dim) laid out
     [q | k | v], ``proj``), so ``SDRMAttention.from_attention(dense, energy=0.9, ...)`` copies its weights.
-    Buffers ``basis`` ([dim, dim]), ``basis_rank`` and ``basis_energy`` hold the frozen basis of
-    ``subspace='calibrated'`` (set by :meth:`fit_basis`); they travel with checkpoints.
+    ``subspace='calibrated'`` adds the buffers ``basis`` ([dim, dim]), ``basis_rank`` and ``basis_energy``: the
+    frozen basis set by :meth:`fit_basis`, which travels with checkpoints. ``subspace='batch'`` has no buffer of
+    its own (its state dict is that of the dense attention; the unused zero basis that batch-mode checkpoints
+    written before carried is ignored on loading).
+
+    ``monitor`` (default False): with a calibrated basis, also measure every forward's retained energy
+    ||X V_r||^2 / ||X||^2 (two norms read by the host inside the forward: a synchronisation on a GPU). Off, the
+    forward records the rank and the seconds only and ``stats.measured`` stays 0; the report rows of
+    ``decomp=sdrm`` give the basis's energy on the calibration tokens. A batch-mode t-SVD yields its energy and
+    error with the factorization (from the eigenvalues), so they are recorded either way.
+
+    The arguments are checked only for what the module cannot run with (ValueError); the config rules are
+    :class:`lrk.decomp.attention.sdrm.SDRMMethod`'s.
     """
+
+    #: defaults of attributes added after checkpoints were written (an unpickled skeleton has no __init__ run)
+    monitor: bool = False
+    _basis_r: int = 0
+    _basis_e: float = 0.0
 
     def __init__(
         self,
@@ -206,17 +167,27 @@ class SDRMAttention(MultiHeadSelfAttention):
         block_keys: bool = False,
         block_budget_mb: float = DEFAULT_BLOCK_BUDGET_MB,
         core: str = "auto",
+        monitor: bool = False,
         layer_name: str = "attn",
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        who = f"SDRMAttention '{layer_name}'"
+        args.at_most_one(who, energy=energy, rank=rank)
         if energy is None and rank is None:
             energy = PAPER_ENERGY  # the paper's phi (Fig. 6 caption)
-        check_settings(energy, rank, solver, svd_batch_size, block_size, subspace, block_budget_mb, core)
-        if rank is not None and rank > dim:
-            raise LrkConfigError(
-                f"decomp.rank={rank} is invalid for attention of dim {dim}: it must lie in [1, {dim}] (min(b t, d))"
-            )
-        self.energy = None if energy is None else float(energy)
+        args.fraction(who, "energy", energy)
+        args.integer(
+            who, "rank", rank, 1, dim, True, f"a t-SVD of tokens of dim d = {dim} has <= d components"
+        )
+        args.choice(who, "solver", solver, SOLVERS)
+        args.integer(who, "svd_batch_size", svd_batch_size, 1, optional=True)
+        if block_size != "adaptive":
+            args.integer(who, "block_size", block_size, 1, optional=True)
+        args.choice(who, "subspace", subspace, SUBSPACES)
+        args.choice(who, "core", core, CORES)
+        args.positive(who, "block_budget_mb", block_budget_mb)
+        args.flag(who, "monitor", monitor)
+        self.energy = None if rank is not None else float(energy)  # type: ignore[arg-type]
         self.rank = rank
         self.solver = solver
         self.svd_batch_size = svd_batch_size
@@ -227,17 +198,20 @@ class SDRMAttention(MultiHeadSelfAttention):
         self.block_keys = bool(block_keys)
         self.block_budget_mb = float(block_budget_mb)
         self.core = core
+        self.monitor = monitor
         self.layer_name = layer_name
-        self.register_buffer("basis", torch.zeros(dim, dim))
-        self.register_buffer("basis_rank", torch.zeros((), dtype=torch.long))
-        self.register_buffer("basis_energy", torch.zeros((), dtype=torch.float64))
+        if subspace == "calibrated":
+            self.register_buffer("basis", torch.zeros(dim, dim))
+            self.register_buffer("basis_rank", torch.zeros((), dtype=torch.long))
+            self.register_buffer("basis_energy", torch.zeros((), dtype=torch.float64))
+        self._basis_r, self._basis_e = 0, 0.0  # basis_rank / basis_energy on the host (no sync per forward)
         self.stats = SDRMStats()
-        self._ada: AdaMatrixSolver | None = None
+        self._ada: AdaMatrixSolver | None = None  # its solver (warm-started across batches)
         if solver == "adamatrix":
             try:
-                self._ada = AdaMatrixSolver(rank=rank, energy=self.energy, **self.adamatrix_options)
+                self._ada = AdaMatrixSolver(rank, self.energy, **self.adamatrix_options)
             except (TypeError, ValueError) as exc:
-                raise LrkConfigError(f"decomp.adamatrix={self.adamatrix_options} is invalid: {exc}") from exc
+                raise ValueError(f"{who}: adamatrix={self.adamatrix_options} is invalid: {exc}") from exc
         self.block_control = AdaptiveBlockSize(block_budget_mb) if block_size == "adaptive" else None
 
     def init_kwargs(self) -> dict[str, Any]:
@@ -254,6 +228,7 @@ class SDRMAttention(MultiHeadSelfAttention):
             "block_keys": self.block_keys,
             "block_budget_mb": self.block_budget_mb,
             "core": self.core,
+            "monitor": self.monitor,
             "layer_name": self.layer_name,
         }
 
@@ -270,7 +245,11 @@ class SDRMAttention(MultiHeadSelfAttention):
     def fit_basis(self, gram: torch.Tensor, tokens: int) -> None:
         """Freeze the basis of ``subspace='calibrated'``: the leading eigenvectors of ``gram`` = sum of Y^T Y
         over the calibration batches (= the right singular vectors of all their tokens stacked), rank r by the
-        energy rule (Eqs. 2-3) or the fixed ``rank`` (which must not exceed min(tokens, d))."""
+        energy rule (Eqs. 2-3) or the fixed ``rank`` (which must not exceed min(tokens, d): ValueError)."""
+        if self.subspace != "calibrated":
+            raise RuntimeError(
+                f"SDRM attention '{self.layer_name}' has subspace='batch': it has no frozen basis to fit"
+            )
         start = time.perf_counter()
         gram = gram.detach().double()
         with small_lapack_threads(gram.device):
@@ -279,9 +258,9 @@ class SDRMAttention(MultiHeadSelfAttention):
         limit = min(tokens, self.dim)
         if self.rank is not None:
             if self.rank > limit:
-                raise LrkConfigError(
-                    f"decomp.rank={self.rank} is invalid: the calibration tokens of '{self.layer_name}' "
-                    f"({tokens} x {self.dim}) have at most {limit} components"
+                raise ValueError(
+                    f"SDRMAttention '{self.layer_name}': rank={self.rank} is invalid for its calibration tokens "
+                    f"({tokens} x {self.dim}): they have at most {limit} components"
                 )
             r = self.rank
         else:
@@ -290,7 +269,27 @@ class SDRMAttention(MultiHeadSelfAttention):
         self.basis.copy_(evecs.to(self.basis.dtype))
         self.basis_rank.fill_(r)
         self.basis_energy.fill_(float(evals[:r].sum()) / total if total > 0 else 1.0)
+        self._basis_r, self._basis_e = r, float(self.basis_energy)
         self.stats.fit_seconds += time.perf_counter() - start
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if self.subspace == "calibrated":  # the loaded basis: its rank and energy read once, here
+            self._basis_r, self._basis_e = int(self.basis_rank), float(self.basis_energy)
+        else:  # batch-mode checkpoints written before the basis became calibrated-only carry a zero basis
+            stale = {prefix + name for name in BASIS_BUFFERS}
+            unexpected_keys[:] = [k for k in unexpected_keys if k not in stale]
 
     # --- rank reduction ------------------------------------------------------------------------------------
     def _factorize(self, Y: torch.Tensor) -> TruncatedSVD:
@@ -308,15 +307,14 @@ class SDRMAttention(MultiHeadSelfAttention):
                     result = adamatrix_svd(Y, rank=rank, **self.adamatrix_options)
                 if not bool(torch.isfinite(result.V).all() and torch.isfinite(result.S).all()):
                     log.warning("SDRM %s: AdaMatrix returned non-finite factors; using gram", self.layer_name)
-                    exact = gram_svd(Y, rank, None if rank is not None else self.energy)
+                    exact = gram_svd(Y, rank, None if rank is not None else self.energy, compute_u=False)
                     exact.fell_back = True
                     result = exact
                     if self._ada is not None:
                         self._ada.reset()
-            else:
-                result = truncated_svd(
-                    Y, rank=rank, energy=None if rank is not None else self.energy, solver=self.solver
-                )
+            else:  # V_r and S only: _bases forms Y V_r itself (with the gradient), once per chunk
+                energy = None if rank is not None else self.energy
+                result = truncated_svd(Y, rank=rank, energy=energy, solver=self.solver, compute_u=False)
         except ValueError as exc:
             if "not finite" in str(exc):
                 raise FloatingPointError(
@@ -330,11 +328,13 @@ class SDRMAttention(MultiHeadSelfAttention):
 
     def _bases(self, x: torch.Tensor) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """Per chunk: (first image, end image, V_r [d, r], Z = X_chunk V_r [c, T, r]), recording the statistics
-        (Algorithm 1, Eqs. 2-3). Z = U_r S_r of Eq. 14 (exactly, for an SVD) and carries the gradient to x."""
+        (Algorithm 1, Eqs. 2-3). Z = U_r S_r of Eq. 14 (exactly, for an SVD) and carries the gradient to x. It is
+        the only product of a chunk's tokens with V_r in the forward: the solvers return V_r and S without U
+        (``compute_u=False``), and Eq. 14's projections reuse Z."""
         batch, tokens, dim = x.shape
         st = self.stats
         if self.subspace == "calibrated":
-            r = int(self.basis_rank)
+            r = self._basis_r
             if r == 0:
                 raise RuntimeError(
                     f"SDRM attention '{self.layer_name}' has subspace='calibrated' but no basis: apply decomp=sdrm "
@@ -342,11 +342,14 @@ class SDRMAttention(MultiHeadSelfAttention):
                 )
             V = self.basis[:, :r].to(x.dtype)
             Z = x @ V
-            with torch.no_grad():  # the frozen basis's energy on this batch: ||X V||^2 / ||X||^2 (monitoring)
-                total = float(torch.linalg.vector_norm(x.detach())) ** 2
-                kept = float(torch.linalg.vector_norm(Z.detach())) ** 2
-            energy = min(kept / total, 1.0) if total > 0 else 1.0
-            self._record(r, energy, math.sqrt(max(1.0 - energy, 0.0)), batch, tokens, 0)
+            if self.monitor:  # the frozen basis's energy on this batch: ||X V||^2 / ||X||^2 (two host reads)
+                with torch.no_grad():
+                    total = float(torch.linalg.vector_norm(x.detach())) ** 2
+                    kept = float(torch.linalg.vector_norm(Z.detach())) ** 2
+                energy = min(kept / total, 1.0) if total > 0 else 1.0
+                self._record(r, batch, tokens, 0, energy, math.sqrt(max(1.0 - energy, 0.0)))
+            else:
+                self._record(r, batch, tokens, 0)
             return [(0, batch, V, Z)]
         chunk = self.svd_batch_size or batch
         out = []
@@ -357,22 +360,30 @@ class SDRMAttention(MultiHeadSelfAttention):
             start = clock(sync)
             result = self._factorize(Y)
             st.rr_seconds += clock(sync) - start
-            self._record(result.rank, result.energy, result.rel_error, e - s, tokens, result.iterations)
+            self._record(result.rank, e - s, tokens, result.iterations, result.energy, result.rel_error)
             V = result.V.detach().to(x.dtype)
             out.append((s, e, V, x[s:e] @ V))
         return out
 
     def _record(
-        self, rank: int, energy: float, rel_error: float, images: int, tokens: int, iterations: int
+        self,
+        rank: int,
+        images: int,
+        tokens: int,
+        iterations: int,
+        energy: float | None = None,
+        rel_error: float | None = None,
     ) -> None:
         st = self.stats
         st.factorizations += 1
         st.rank_sum += rank
-        st.energy_sum += energy
-        st.rel_error_sum += rel_error
         st.cr_sum += tsvd_compression_ratio(images, tokens, self.dim, rank)
         st.iterations_sum += iterations
-        st.last_rel_error = rel_error
+        if energy is not None and rel_error is not None:
+            st.measured += 1
+            st.energy_sum += energy
+            st.rel_error_sum += rel_error
+            st.last_rel_error = rel_error
 
     def _project(
         self, bases: list[tuple[int, int, torch.Tensor, torch.Tensor]], rows: torch.Tensor | None
@@ -415,7 +426,10 @@ class SDRMAttention(MultiHeadSelfAttention):
         if self.block_control is not None:
             return self.block_control.choose(batch, self.num_heads, tokens, tokens, x.element_size())
         if self.block_size is not None and self.block_size > tokens:  # type: ignore[operator]
-            check_tokens(self.block_size, None, None, tokens, self.dim)
+            raise ValueError(
+                f"SDRMAttention '{self.layer_name}': block_size={self.block_size} is invalid for inputs of T={tokens} "
+                f"tokens per image: it must lie in [1, {tokens}] (query tokens per block)"
+            )
         return self.block_size  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
