@@ -16,7 +16,17 @@ ROW_KEYS = (
     "rel_error",
     "energy",
     "seconds",
+    "note",
 )
+
+#: ``kind`` of a row whose layer a weight method left dense because no rank choice meets the requested ratio
+#: within ``ratio_tolerance`` (rank and ranks null, params_after == params_before, the reason in ``note``)
+DENSE_KIND = "dense (ratio unreachable)"
+
+
+def is_dense_row(row: dict[str, Any]) -> bool:
+    """Whether a report row is a layer left dense (:data:`DENSE_KIND`)."""
+    return row.get("kind") == DENSE_KIND
 
 
 @dataclass
@@ -29,7 +39,14 @@ class DecompReport:
     (weights and bias of the layer, counted from the modules; a TRAWL layer is charged its share of the
     group's shared factors), ``rel_error`` (||W - W_hat||_F / ||W||_F, W_hat rebuilt from the new module),
     ``energy`` (1 - rel_error^2: the retained energy sum_{i<=r} s_i^2 / sum s_i^2 for SVD and HOSVD-type
-    Tucker, the explained fraction of ||W||_F^2 otherwise), ``seconds`` (decomposition time).
+    Tucker, the explained fraction of ||W||_F^2 otherwise), ``seconds`` (decomposition time), ``note``
+    (None, or how the ranks were found when the plain ratio rule missed the tolerance, or why a layer stayed
+    dense).
+
+    A layer a weight method left dense (the requested ratio is unreachable within ``ratio_tolerance``) has
+    ``kind`` :data:`DENSE_KIND`, ``rank`` / ``ranks`` null, ``params_after == params_before``, ``rel_error`` 0
+    and ``energy`` 1: it counts in the parameter totals and the error mean (it is exact), not in the rank mean;
+    ``decomp/layers_dense`` counts such rows.
     """
 
     method: str
@@ -47,9 +64,12 @@ class DecompReport:
         n = len(self.rows)
         before = sum(r["params_before"] for r in self.rows)
         after = sum(r["params_after"] for r in self.rows)
+        ranked = [r["rank"] for r in self.rows if r.get("rank") is not None]
+        if ranked:
+            out["decomp/rank_mean"] = float(sum(ranked) / len(ranked))
         out.update(
             {
-                "decomp/rank_mean": float(sum(r["rank"] for r in self.rows) / n),
+                "decomp/layers_dense": float(sum(is_dense_row(r) for r in self.rows)),
                 "decomp/rel_error_mean": float(sum(r["rel_error"] for r in self.rows) / n),
                 "decomp/energy": float(sum(r["energy"] for r in self.rows) / n),
                 "decomp/params_before": float(before),
@@ -62,6 +82,8 @@ class DecompReport:
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """Columns and rows for a CSV / W&B table (lists rendered as 'a x b')."""
         columns = list(ROW_KEYS)
+        columns += [k for row in self.rows for k in row if k not in columns]  # e.g. TRAWL's group, group_size
+        columns = list(dict.fromkeys(columns))
 
         def cell(value: Any) -> Any:
             if isinstance(value, (list, tuple)):

@@ -1,51 +1,12 @@
-"""``decomp=attn_svd``: the slides' TransformerBlockSVD (seeds/vit_nla_slides.txt, "Used methods. SVD").
+"""``decomp=attn_svd``: every ViT attention becomes an :class:`~lrk.layers.attention.attn_svd.SVDOutputAttention`
+(the slides' TransformerBlockSVD: each image's attention output truncated to rank r; seeds/vit_nla_slides.txt, "Used
+methods. SVD"). The computation and lrk's reading of the slides are documented in
+:mod:`lrk.layers.attention.attn_svd`.
 
-The slide: "TransformerBlockSVD: Multi-Head Self-Attention ... SVD Decomposition: Applies SVD to the attention
-output, retaining only the top singular values and vectors for a low-rank approximation". lrk's reading: in every
-forward (training and inference), each image's attention output O_i (T x D, after ``proj``) is replaced by its
-best rank-r approximation
-
-    O_i  ->  O_i V_r V_r^T = U_r S_r V_r^T              (the slide's W ~ U_r S_r V_r^T, Eckart-Young)
-
-where V_r holds the top-r right singular vectors of O_i. Per image: tokens of different images never mix, and an
-image's output does not depend on the other images of the batch.
-
-Where it sits: lrk's ViT block (``lrk.models.vit.Block.forward``) is ``x = x + drop_path(attn(norm1(x)))``, so the
-output of the attention module is exactly what enters the residual add; :class:`SVDOutputAttention` truncates its
-own output (after ``proj`` and ``proj_drop``), i.e. the attention branch is rank r *before the residual add*, as in
-TransformerBlockSVD. The MLP, the norms and the residual stream itself are untouched.
-
-The factorisation: not a full ``torch.linalg.svd`` per step, but :func:`lrk.linalg.batched_svd.batched_truncation`
-(the smaller Gram matrix of every image, one batched ``eigh``, the energy rule per image with a mask so that
-variable ranks stay batched, float32 with a float64 redo of the images whose cut float32 cannot resolve; its
-docstring has the cost and the measured speed: 0.44-0.51 of a batched ``torch.linalg.svd`` on one thread). V_r is
-a constant in the backward pass (no gradient through the subspace): the gradient reaches O, hence ``qkv`` and
-``proj``, as g V_r V_r^T.
-
-What to expect: at initialisation (weights of std 0.02) a ViT's attention is near uniform, so every row of O_i is
-close to the mean value row and O_i is nearly rank 1; the truncation then changes little (rel_error ~1e-5 at
-r = 8 on the tiny synthetic run) until training sharpens the attention.
-
-Rank rule, exactly one of (the shared policy keys, read per image and per forward):
-
-- ``rank``: r in [1, min(T, D)] for every image (checked against T from ``patch_embed`` before training);
-- ``ratio``: r = ceil(ratio * min(T, D)) (a fraction of the largest possible rank, *not* of parameters: the
-  method has no new parameters);
-- ``energy``: phi, per image the smallest r with sum_{i<=r} s_i^2 >= phi sum_i s_i^2 (SDRM paper, Eqs. 2-3);
-- none of them: ``default_ratio`` (0.5).
-
-The slides claim the truncation "reduces the number of parameters and operations from O(m^2) to O(m*r)": it does
-neither here (nor in the slides' code, whose timings with and without SVD are identical): the dense attention runs
-as before and the truncation adds its own cost. Parameters are unchanged; what changes is the computation (a rank
-r attention branch), which the report and the tests show.
-
-Statistics (``module.stats``, an :class:`AttnSVDStats`, not in the state dict): ``rank_mean`` / ``energy_mean`` per
-image (accumulated on the device: no host synchronisation per forward), ``rel_error`` (measured ||O - O_r||_F /
-||O||_F over the forwards, only with ``monitor: true``: two norms read by the host in every forward, a GPU sync),
-``rr_seconds`` (truncation time inside forwards; part of PhaseTimer's ``time/mha_s``) and ``fit_seconds`` (the
-calibration forwards' truncation time in apply). :func:`attn_svd_metrics` sums them over a model (``time/rr_s``,
-``time/rr_forward_s``, ``decomp/*``). With ``monitor: false`` (the default) the report rows still hold the measured
-rel_error: ``apply`` measures it on the calibration batches, outside the fit.
+This module is the method: it validates exactly one of ``rank`` / ``ratio`` (of min(T, D)) / ``energy`` once (with
+``default_ratio`` when none is set), checks a fixed rank against min(T, D) before anything changes, and reports per
+layer the ranks, energy and error of the truncations on the calibration batches. :func:`attn_svd_metrics` collects
+the figures of the truncations inside the fit (``time/rr_s``, ranks, energy).
 """
 
 from __future__ import annotations

@@ -1,57 +1,11 @@
-"""``decomp=attn_tensor``: attention through a Tucker or CP decomposition of the attention tensor (issue #4).
+"""``decomp=attn_tensor``: every ViT attention becomes a :class:`~lrk.layers.attention.attn_tensor.TensorAttention`
+(the attention tensor approximated by Tucker or CP; seeds/vit_nla_slides.txt, "Used methods. Tensor decomposition").
+The computation and lrk's reading of the slides are documented in :mod:`lrk.layers.attention.attn_tensor`.
 
-Seed: seeds/vit_nla_slides.txt, slide "Used methods. Tensor decomposition": "we use tensor decomposition to
-perform a low-rank approximation of the attention tensor". The slides' code reshaped the tensor to a matrix and took
-an SVD (a matrix method); lrk decomposes the tensor as a tensor and attends with the result.
-
-Per forward, the attention probabilities A[b, h] = softmax(q_h k_h^T / sqrt(d_k)) form the tensor
-A in R^{B x H x T x T} (image, head, query, key). It is approximated by
-
-- ``decomposition: tucker`` (default): A_hat = G x_h U_h x_q U_q x_k U_k with ranks (R_h, R_q, R_k) over the head,
-  query and key modes. TensorLy (``partial_tucker``: truncated HOSVD, then ``hooi_iters`` HOOI sweeps) computes
-  the orthonormal factors on the *detached* tensor; the core is then recomputed in torch as the projection
-  G = A x_h U_h^T x_q U_q^T x_k U_k^T (:func:`~lrk.linalg.attention_tensor.project_core`). The factors are
-  constants: the gradient flows through G into A and on to the q/k weights (and through V to the v weights).
-  Ranks: R_q = R_k = R_t from ``rank`` or ``ratio`` (R_t = ceil(ratio T)), R_h = ``head_rank`` (default H);
-  with ``energy`` (phi) each mode's rank is the smallest keeping phi of its unfolding's energy, chosen anew every
-  forward (the head mode too, unless ``head_rank`` is set).
-- ``decomposition: cp``: A_hat = sum_r u_h,r o u_q,r o u_k,r of rank R = ``rank`` (or ceil(ratio T)). TensorLy's
-  ``parafac`` (``cp_iters`` ALS sweeps from the SVD start) gives the head and key factors on the detached tensor;
-  the query factor is then re-solved from A by linear least squares (one closed-form ALS update,
-  :func:`~lrk.linalg.attention_tensor.cp_solve_factor`), which is differentiable: the gradient reaches A.
-
-Either way A_hat is the orthogonal projection of A onto a subspace fixed by the constant factors, so the retained
-energy ||A_hat||^2 / ||A||^2 = 1 - ||A - A_hat||^2 / ||A||^2 lies in [0, 1]. The output is A_hat V per head, then
-``proj`` (dropout of the attention weights, if any, acts on A before the decomposition). lrk evaluates A_hat V
-in factored form and never forms A_hat: Tucker out_h = U_q [(G x_h U_h)_h] (U_k^T V_h), CP
-out_h = U_q diag(U_h[h]) (U_k^T V_h) (:func:`~lrk.linalg.attention_tensor.tucker_apply`, ``cp_apply``; the tests
-check them against A_hat V formed explicitly). This saves nothing against dense attention: A itself is formed (the
-softmax needs it) and the core projection costs about H T^2 R more; the method studies what a low multilinear rank
-of the attention does to accuracy, as the slides did, not speed.
-
-``scope``:
-
-- ``batch`` (default): one TensorLy call per forward on the 4-way tensor [B, H, T, T]. Tucker is a partial Tucker
-  over modes 1, 2, 3 with the batch mode kept at full rank: the factors U_h, U_q, U_k are shared by the images of
-  the batch and every image has its own core. CP decomposes the tensor [H, B T, T] (the images' query modes side
-  by side): head and key factors shared, every image its own query factor rows. The images then share a
-  *subspace*, never attention: image i's output is A_hat_i V_i, with A_hat_i a projection of A_i alone onto the
-  shared factors, but the factors depend on every image of the batch (as the chunks of SDRM's svd_batch_size do).
-- ``image``: one decomposition per image (a Python loop over the batch): tokens of different images never mix in
-  any way; image i's output does not depend on the other images.
-
-Time (2 shared CPU cores, one thread, float32, best of 3-5 runs; A of [32, 4, 65, 65], Tucker ranks (4, 33, 33),
-HOSVD): scope ``batch`` 30 ms per forward (one partial Tucker), scope ``image`` 93 ms (32 Tucker calls); CP of
-rank 33 with 20 ALS sweeps: 0.34 s (batch) and 0.56-0.79 s (image); the dense product A V alone: 0.5 ms.
-
-Statistics: every module keeps a :class:`TensorAttentionStats` in ``module.stats`` (not in the state dict):
-``forwards``, ``decompositions`` (TensorLy calls: one per forward with scope=batch, one per image with
-scope=image), ``head_rank_sum`` / ``query_rank_sum`` / ``key_rank_sum`` (sums over decompositions; means by
-``rank_mean()``), ``energy_sum`` over the ``measured`` decompositions (``monitor: true`` only: ||A_hat||^2 and
-||A||^2 are read by the host in every forward, a GPU sync; with the default ``monitor: false`` the report's energy,
-measured on the calibration batches at apply, stands), ``decompose_seconds`` (TensorLy + core projection / least
-squares, + the energy when monitored, inside forwards) and ``forward_seconds``. :func:`attn_tensor_metrics` turns
-them into run metrics.
+This module is the method: it validates the keys of conf/decomp/attn_tensor.yaml once (``decomposition``, ``scope``,
+one of ``rank`` / ``ratio`` / ``energy``, ``head_rank``, HOOI/ALS iterations, ``monitor``), checks the ranks against
+the model's heads and tokens before anything changes, and reports per layer the output error measured on the
+calibration batches. :func:`attn_tensor_metrics` collects the figures of the decompositions inside the fit.
 """
 
 from __future__ import annotations

@@ -1,41 +1,11 @@
-"""``decomp=cholesky``: Cholesky-based symmetric query-key attention (seeds/vit_nla_slides.txt, slides "Used methods.
-Cholesky corrected, ok?" and "Cholesky-Based Symmetric Attention: d_k(d_k+1)/2 parameters instead of d_k^2").
+"""``decomp=cholesky``: every ViT attention becomes a :class:`~lrk.layers.attention.cholesky.CholeskyAttention`
+(symmetric query-key scores from one shared projection and a packed lower-triangular factor per head;
+seeds/vit_nla_slides.txt, "Cholesky-Based Symmetric Attention"). The computation, the initialisation from a dense
+attention and lrk's reading of the slides are documented in :mod:`lrk.layers.attention.cholesky`.
 
-The slides score tokens with S = X W_QK X^T where W_QK is symmetric and factored as L L^T. lrk's reading, per head h
-(d_k = head_dim, H heads, D = dim):
-
-    q_h = X W_h + b_h                 (W: one shared query-key projection Linear(D, D), heads split like dense q)
-    z_h = q_h L_h                     (L_h: d_k x d_k lower-triangular, stored packed: d_k(d_k+1)/2 parameters)
-    S_h = z_h z_h^T / sqrt(d_k) = q_h L_h L_h^T q_h^T / sqrt(d_k)
-    out = proj(concat_h softmax(S_h) v_h)         (values and output projection as in dense attention)
-
-so W_QK^h = W_h L_h L_h^T W_h^T is symmetric positive semi-definite and S_h = S_h^T. The attention core is
-``F.scaled_dot_product_attention(z, z, v)``: queries and keys are the same tensor. Softmax runs over the keys of
-each image; tokens of different images never mix.
-
-Parameters of the query-key part: D^2 (+ D bias) for W plus H d_k(d_k+1)/2 for the packed L, instead of 2 D^2
-(+ 2 D) for dense W_Q, W_K. The dense key projection is not kept.
-
-Building from a dense :class:`~lrk.models.MultiHeadSelfAttention` (``init``):
-
-- ``dense`` (the default with ``stage=post``): per head the dense form A_h = W_Q^h W_K^h^T (D x D, rank d_k) is
-  replaced by its nearest rank-d_k positive-definite matrix W_h L_h L_h^T W_h^T
-  (:func:`lrk.linalg.psd.nearest_spd_factor`: symmetric part, top d_k eigenpairs, negatives clipped, a shift of
-  ``eps`` times the largest |eigenvalue|, Cholesky). This is exact when A_h is already symmetric positive
-  semi-definite; otherwise ``qk_rel_error`` in the report says what forcing symmetry cost.
-  Biases: the key bias b_K adds q_i . b_K to every score of query i, a constant per row that the softmax removes,
-  so dropping it is exact. The query bias b_Q adds x_j . c_h with c_h = W_K^h b_Q^h, a term that depends on the
-  key; in the symmetric form a shared bias b_h contributes x_j . (W_h M_h b_h) (M_h = L_h L_h^T) plus per-query
-  constants, so b_h = M_h^{-1} W_h^T c_h reproduces the projection of c_h on span(W_h) (exact when c_h lies in
-  it, as it does for a symmetric dense form). Directions whose kept eigenvalue is below ``BIAS_RCOND`` times the
-  largest get no bias: there b_h would grow as 1 / eigenvalue and its per-query constants would swamp the scores.
-- ``identity`` (the default with ``stage=init``, training from scratch): W_h = the dense query projection (weight
-  and bias), L_h = I; the dense key projection is dropped.
-
-The value projection and ``proj`` are copied from the dense module in both cases. The report's ``rel_error`` is
-the measured relative error of each swapped module's output against the dense module's on the attention inputs
-of the calibration batches (as the swapped model computes them); ``qk_rel_error`` is
-||W_QK^sym - W_QK^dense||_F / ||W_QK^dense||_F averaged over heads.
+This module is the method: it validates ``init`` and ``eps`` once, builds each replacement from the dense module
+(``stage=post``: nearest positive-definite form of each head's W_Q W_K^T; ``stage=init``: W = W_Q, L = I), and
+reports per layer the output error measured on the calibration batches and the weight error of forcing symmetry.
 """
 
 from __future__ import annotations

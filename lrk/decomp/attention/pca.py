@@ -1,48 +1,11 @@
-"""``decomp=pca``: PCA-projected attention (seeds/vit_nla_slides.txt, slides "Used methods. PCA").
+"""``decomp=pca``: every ViT attention becomes a :class:`~lrk.layers.attention.pca.PCAAttention` (queries and keys
+projected on a rank-r principal basis per head; seeds/vit_nla_slides.txt, "Used methods. PCA"). The computation and
+lrk's reading of the slides are documented in :mod:`lrk.layers.attention.pca`.
 
-The slides reduce "the attention matrix" with PCA: X_reduced = X W, W holding the principal components as its
-columns, and a low-rank reconstruction through W^T. lrk's reading (issue #4): per head h, the queries and keys
-are projected onto a rank-r principal basis B_h in R^{d_k x r} (orthonormal columns) of their joint token
-features before the score product,
-
-    scores_h = (q_h B_h)(k_h B_h)^T / sqrt(d_k) = q_h (B_h B_h^T) k_h^T / sqrt(d_k),
-
-then softmax over the keys, times v_h, and ``proj`` as in dense attention. The score product costs O(T^2 r)
-instead of O(T^2 d_k). The scale stays the dense 1/sqrt(d_k) (not 1/sqrt(r)), so that at r = d_k
-(B_h B_h^T = I) the module *is* dense attention. v_h is not projected.
-
-Which subspace: the scores are raw inner products q . k, so the subspace that keeps them best is that of the
-*uncentred* second moment M_h = sum_t q_t q_t^T + k_t k_t^T (``center: false``, the default). ``center: true``
-removes the mean of the joint q/k tokens before finding the directions (classic PCA, the slides' "variance");
-the projection is still applied to the raw q and k.
-
-``basis``:
-
-- ``batch`` (default): B_h is recomputed in every forward from the detached q and k, under ``torch.no_grad`` (no
-  gradient flows through the basis; it is a constant of each forward, as an SVD's factors are), *per image and
-  head* ([B, H, 2T, d_k] -> [B, H, d_k, r]): tokens of different images never mix, not even through the basis.
-  The solver is ``eigh`` (exact batched eigh of the d_k x d_k moment) by default; ``lowrank`` uses
-  ``torch.pca_lowrank``: :mod:`lrk.linalg.pca` has the timings that made ``eigh`` the default (3-4x faster
-  at head sizes, exact, deterministic).
-- ``calibrated``: B_h is fitted once in ``apply`` on the calibration batches' q/k of each head (the inputs of
-  the attention module in the dense model, projected by its dense ``qkv``; moments summed over all calibration
-  tokens) and frozen as the buffer ``pca_basis`` ([H, d_k, r]), which travels with checkpoints; no
-  factorization at run time. With ``stage: init`` the weights then train under a basis fitted to the untrained
-  model (a warning says so); ``stage: post`` fits it to a trained one.
-
-Rank rule (exactly one; ``default_ratio`` when all are null): ``rank`` (r in [1, d_k]), ``ratio``
-(r = ceil(ratio d_k), ratio in (0, 1]) or ``energy`` (phi in (0, 1]: per module, the smallest r such that the top-r
-principal directions of every head keep phi of that head's q/k second-moment energy on the calibration batches
-(SDRM's rule, seeds/sdrm_paper.txt Eqs. 2-3, on the eigenvalues of M_h); fixed afterwards, for ``basis=batch``
-too. With ``center: false`` a per-image basis keeps at least as much of each image's energy as the pooled basis
-does, so the calibration images keep >= phi in total).
-
-Report rows (one per module): ``rank`` r (``ranks``: r per head), ``rel_error`` = ||pca(x) - dense(x)||_F /
-||dense(x)||_F on the calibration inputs of the module in the dense model, ``energy`` = the retained
-fraction of the q/k second-moment energy at r on the calibration batches (of the frozen basis for
-``calibrated``; of each image's own basis for ``batch``; centred moments with ``center: true``),
-``params_before`` = ``params_after`` (the basis is a buffer, not a parameter), ``seconds`` = the fitting time
-in ``apply`` (moments, eigh, rank choice; not the error measurement).
+This module is the method: it validates the keys of conf/decomp/pca.yaml once (``basis: batch | calibrated``, one
+of ``rank`` / ``ratio`` / ``energy``, ``center``, ``solver``), picks an energy rank or fits the calibrated basis on
+the calibration batches' queries and keys (through the dense model), and reports per layer the output error on the
+calibration batches. :func:`pca_metrics` collects the per-forward basis time (``time/rr_s``).
 """
 
 from __future__ import annotations

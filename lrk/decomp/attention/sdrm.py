@@ -1,68 +1,13 @@
-"""``decomp=sdrm``: SDRM attention (seeds/sdrm_paper.txt, sections 3-4): a truncated SVD of each batch's attention
-input, low-rank Q/K/V (Eq. 14), per-head split (Algorithm 2) and block-wise attention (Eqs. 16-18, Algorithm 4).
+"""``decomp=sdrm``: every ViT attention becomes an :class:`~lrk.layers.attention.sdrm.SDRMAttention` (SDRM,
+seeds/sdrm_paper.txt sections 3-4). The computation, and where lrk reads the paper differently, are documented in
+:mod:`lrk.layers.attention.sdrm`.
 
-For the input X in R^{B x T x D} of an attention module, SDRM factorizes Y = reshape(X, (b t, d)) (section 3.1,
-Algorithm 1 l.2; Theorem 1's proof) in chunks of ``svd_batch_size`` images (the paper's svd_batch_size: X is
-"chunked into X_i for parallel singular value decomposition"), keeps the smallest rank r with
-sum_{i<=r} s_i^2 >= phi sum_i s_i^2 (Eqs. 2-3) or a fixed ``rank``, and computes
-
-    (Q, K, V) = U_r S_r V_r^T (W^Q, W^K, W^V)                                   (Eq. 14)
-
-cheaply as (Y V_r)(V_r^T W): U_r S_r = Y V_r for an SVD, so only the thin product Y V_r ([bt, r]) and the small
-V_r^T W ([r, 3d]) are formed; cost 4 bt d r + 3 d^2 r instead of 3 bt d^2 for the dense projection. V_r is treated
-as a constant (detached): the gradient reaches the input through Y V_r and the weights through V_r^T W.
-
-``core`` (lrk's evaluation order, exactly the same numbers): Eq. 14 makes Q, K and V rank r, but the T x T
-products of the attention (Q_h K_h^T and its product with V_h) still cost T^2 d_h per head when Q, K, V are formed
-explicitly (``core=qkv``, the paper's Algorithm 4), so the rank reduction only shrinks the projection. With
-Z' = [Y V_r, 1] and P = [W V_r, b] per head, Q_h K_h^T = Z' (P_q,h^T P_k,h) Z'^T and softmax(.) V_h =
-(softmax(.) Z') P_v,h^T: the T x T products cost T^2 (r + 1) (``core=factored``). ``core=auto`` (default) takes
-the factored order when r + 1 < d_h, where it is cheaper.
-
-Heads are split from the projected Q, K, V (Algorithm 2; ``head_loop=True`` runs the heads one at a time as the
-algorithm is written, with each head's columns of W: the same numbers, slower). Attention runs per image:
-chunks share a *basis*, never attention.
-
-What a chunk of several images means (``svd_batch_size`` > 1): the basis V_r is fitted to the tokens of all the
-chunk's images, so image i's output depends on image j of the same chunk through the subspace it is projected
-on (the paper's design: one t-SVD per chunk). Attention itself never mixes images: image i's queries only see
-image i's keys. With ``svd_batch_size=1`` every image is factorized alone and its output depends on nothing else.
-
-Block-wise attention (section 4, Eqs. 16-18, Algorithm 4), lrk's reading:
-
-- ``block_size=b``: queries in blocks of b tokens, each block attending to all keys (Eqs. 16-17 per block, Eq. 18
-  concatenating the blocks): exactly the unblocked attention, with a score block of b x T instead of T x T.
-- ``block_keys=True`` also splits the keys/values into blocks of b, as Algorithm 4 l.7-11 does. Algorithm 4 as
-  printed takes a softmax per key block and sums the block outputs (l.13, Z_i = Z_i (+) Z_b), which is *not* the
-  attention (each block's softmax is normalised alone). lrk merges the key blocks with the running maximum and
-  normaliser of the log-sum-exp (the online softmax), which makes the sum exact; score blocks are b x b.
-- ``block_size=adaptive``: section 4's feedback rule ("initialize block size and monitor processing time, memory
-  usage ...; if a decrease in processing speed or resource usage is detected, the size of the data block is
-  automatically reduced ...; if resource usage is low, increase the block size"), see :class:`AdaptiveBlockSize`:
-  start at the largest block whose score block fits ``block_budget_mb`` (resource usage low -> large block),
-  halve it while the measured time per token does not get worse by more than 10 %, go back to the previous size
-  and stay there when it does (speed decrease -> back off), and halve at once whenever a larger batch would push
-  the score block over the budget (resource usage high -> smaller block). Every block size gives the same
-  numbers, so the rule changes speed and memory, never outputs.
-
-``subspace``: ``batch`` (the paper: a t-SVD of every batch, in training and inference) or ``calibrated`` (lrk's
-option: V_r fitted once in ``apply`` on the attention inputs of the calibration batches - their Gram matrices
-summed, then eigh, i.e. the exact SVD of all calibration tokens stacked - and frozen: no factorization at run
-time). The calibration runs the calibration batches once through the *dense* model (every layer's inputs come
-from dense layers before it). With ``stage: init`` the weights then train under a basis fitted to the untrained
-model's activations; ``stage: post`` fits it to the trained model (a warning says so).
-
-Phase timings: every forward adds the seconds of its factorizations to ``module.stats.rr_seconds`` (SDRM's RR
-phase; ``time/rr_s``) and its own wall time to ``stats.forward_seconds``. lrk's PhaseTimer times whole attention
-forwards as ``time/mha_s``, which therefore *includes* the t-SVD; the paper's MHA phase is ``time/mha_s`` minus
-``time/rr_forward_s`` over the same forwards. :func:`sdrm_metrics` collects the figures of every SDRM module of a model.
-
-No hidden work in the forward: the solvers return V_r and S without U (``compute_u=False``: the Gram solver then
-forms no m x r product), so X V_r is formed once per chunk (it is U_r S_r, and carries the gradient); a batch-mode
-module has no buffer beyond the dense attention's (the basis buffers exist for ``subspace=calibrated`` only); the
-calibrated basis's rank is kept on the host, and its per-batch energy ||X V_r||^2 / ||X||^2 (two norms read by the
-host: a synchronisation on a GPU) is measured only with ``monitor: true`` (default false; the report rows give the
-basis's energy on the calibration tokens). A batch-mode t-SVD yields its energy and error with the factorization.
+This module is the method: it validates the keys of conf/decomp/sdrm.yaml once (``energy`` phi or ``rank``,
+``solver``, ``svd_batch_size``, ``block_size``, ``subspace``, ``core``, ``adamatrix``, ``monitor``), checks what
+needs the model before anything changes (block size and rank against the token count T), fits the frozen basis of
+``subspace=calibrated`` on the attention inputs of the calibration batches (their Gram matrices summed, then eigh),
+and reports per layer what the rank rule did on the calibration batches. :func:`sdrm_metrics` collects the figures
+of the t-SVDs inside the fit's forwards (``time/rr_s``, ``decomp/rank_mean``, ...).
 """
 
 from __future__ import annotations

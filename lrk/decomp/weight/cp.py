@@ -87,6 +87,16 @@ class CPMethod(WeightMethod):
         "out_factors": None,
         "in_factors": None,
     }
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": None,
+        "exact_reason": (
+            "no setting reproduces a k x k kernel (a 3-way S x C x k^2 tensor) or a tensorized Linear: the CP rank "
+            "of a generic tensor exceeds every mode size and ALS only converges locally (rank=energy=1.0 keeps the "
+            "largest mode rank, not the CP rank)"
+        ),
+        "lossy": {"rank": 1, "n_iter_max": 5},
+        "invalid": [{"rank": 10**9}, {"rank": 2, "n_iter_max": 0}, {"rank": 2, "linear_modes": 0}],
+    }
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

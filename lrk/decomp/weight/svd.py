@@ -11,7 +11,7 @@ Default targets: every Linear except the classifier head, and every Conv2d (grou
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -74,6 +74,16 @@ class SVDMethod(WeightMethod):
     """Truncated SVD of Linear layers and (matricized) Conv2d kernels, Eqs. 1-3."""
 
     supported = "Linear and Conv2d with groups=1 (a k x k kernel is matricized as out x (in k k))"
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"energy": 1.0},
+        "lossy": {"rank": 1},
+        "invalid": [
+            {"rank": 2, "ratio": 0.5},
+            {"rank": 10_000},
+            {"rank": 2, "targets": ["no_such_layer.*"]},
+            {"ratio": 0.5, "rank_multiple": 0},
+        ],
+    }
 
     def support_error(self, name: str, module: nn.Module) -> str | None:
         if isinstance(module, nn.Linear):

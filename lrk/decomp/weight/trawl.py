@@ -14,7 +14,9 @@ the layers share the output, input (and spatial) factors and keep a vector of R 
 ``W_l = A diag(lambda * L[l]) B^T``.
 
 Ranks are chosen per group with the shared policy: ``rank`` (R1 = R2 = rank, or the CP rank), ``ratio``
-(of the group's dense parameters), ``energy`` (per channel-mode unfolding of the stack; for CP the
+(of the group's dense parameters, met within ``ratio_tolerance``, else the whole group stays dense with one
+warning per layer; when R_out = R_in is capped by the smaller channel count, the other rank is solved alone,
+e.g. the twelve 1152 x 384 qkv of a ViT-S at 0.5 get R_in = 384, R_out = 435), ``energy`` (per channel-mode unfolding of the stack; for CP the
 largest of the per-mode energy ranks). Shared parameters are ``nn.Parameter`` objects held by one
 :class:`TrawlShared` module that every layer of the group registers, so ``model.parameters()`` counts them
 once and fine-tuning updates them for all layers. In the report each layer is charged its own
@@ -38,10 +40,11 @@ from lrk.decomp.rank.policy import FixedRank, RankProblem, Ranks
 from lrk.decomp.weight.base import WeightMethod
 from lrk.decomp.weight.svd import conv_support_error
 from lrk.errors import LrkConfigError
-from lrk.layers.base import FactorizedLayer, describe, own_params
+from lrk.layers.base import FactorizedLayer, describe
 from lrk.layers.trawl import DECOMPOSITIONS, TrawlConv2d, TrawlLinear, TrawlShared
 from lrk.linalg.cp import cp_als, cp_params, cp_rank_bound
 from lrk.linalg.tucker import mode_singular_values, tucker2
+from lrk.measure import count_params
 
 
 def group_key(module: nn.Module) -> tuple[str, tuple[int, ...]]:
@@ -58,6 +61,16 @@ class TrawlMethod(WeightMethod):
         "layer_rank": None,
         "n_iter_max": None,
         "tol": 1e-5,
+    }
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"energy": 1.0},
+        "lossy": {"rank": 1},
+        "invalid": [
+            {"rank": 2, "decomposition": "svd"},
+            {"rank": 2, "layer_rank": 10_000},
+            {"rank": 10_000},
+            {"rank": 2, "decomposition": "cp", "n_iter_max": 0},
+        ],
     }
 
     def __init__(self, cfg: Any) -> None:
@@ -128,6 +141,7 @@ class TrawlMethod(WeightMethod):
                 limits=(min(s_out, n_layers * c_in * k2), min(c_in, n_layers * s_out * k2)),
                 scalar_limit=min(s_out, c_in),
                 from_scalar=lambda r: (r, r),
+                rank_names=("R_out", "R_in"),
                 params=params,
                 dense_params=dense,
                 spectra=lambda: [mode_singular_values(stack, 1), mode_singular_values(stack, 2)],
@@ -212,16 +226,31 @@ class TrawlMethod(WeightMethod):
             names, modules = [n for n, _ in group], [m for _, m in group]
             with torch.no_grad():
                 start = time.perf_counter()
-                ranks = self.policy.select(problem, context["selector"])
-                layers = self.build_group(names, modules, ranks, problem)
+                choice = self.policy.choose(problem, context["selector"])
+                layers = self.build_group(names, modules, choice.ranks, problem) if choice.reachable else []
                 seconds = time.perf_counter() - start
-            shared_params = own_params(layers[0].shared)
-            for name, module, layer in zip(names, modules, layers, strict=True):
-                layer.train(module.training)
-                row = self.row(name, module, layer, ranks, seconds / len(layers), problem)
-                row["params_after"] = own_params(layer) - shared_params + shared_params / len(layers)
+            rows: list[dict[str, Any]] = []
+            built_ratio = None
+            if layers:
+                shared_params = count_params(layers[0].shared)
+                for name, module, layer in zip(names, modules, layers, strict=True):
+                    layer.train(module.training)
+                    row = self.row(name, module, layer, choice.ranks, seconds / len(layers), problem)
+                    row["params_after"] = count_params(layer) - shared_params + shared_params / len(layers)
+                    row["note"] = choice.note
+                    rows.append(row)
+                built_ratio = sum(r["params_after"] for r in rows) / sum(r["params_before"] for r in rows)
+            if not layers or not self.policy.within(
+                built_ratio
+            ):  # the group stays dense, a warning per layer
+                rows = [
+                    self.dense_row(n, m, choice, seconds / len(names), problem, built=built_ratio)
+                    for n, m in zip(names, modules, strict=True)
+                ]
+                layers = list(modules)
+            for name, module, layer, row in zip(names, modules, layers, rows, strict=True):
                 row["group"] = problem.layer
-                row["group_size"] = len(layers)
+                row["group_size"] = len(names)
                 context["rows"][name] = row
                 built.append((name, module, layer))
         order = [n for n, _ in targets]

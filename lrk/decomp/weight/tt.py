@@ -41,6 +41,11 @@ class TTMethod(WeightMethod):
 
     supported = "Linear and 1x1 Conv2d (groups=1, padding=0); k x k convolutions are not supported"
     extra_keys: ClassVar[dict[str, Any]] = {"cores": 3, "out_factors": None, "in_factors": None}
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"energy": 1.0},
+        "lossy": {"rank": 1},
+        "invalid": [{"rank": 2, "cores": 1}, {"rank": 10_000}, {"rank": 2, "out_factors": [5, 5]}],
+    }
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -4,7 +4,12 @@ TensorLy ``partial_tucker``); Linear and 1x1 convolutions are "treated the same 
 (Eqs. 1-3), as in ``decomp=svd``.
 
 Ranks: ``rank=r`` gives R1 = r and R2 = round(beta r); ``ratio`` starts from Eq. 7 (R2 = beta R1) and
-takes the nearest integer pair; ``energy`` applies the energy rule to each channel-mode unfolding
+takes the nearest integer pair. For ``ratio``, beta is a preference, not a constraint: where one rank is
+capped (R1 <= C, R2 <= S) the pair on the beta line cannot reach the target, and the other rank is solved
+with the capped one fixed (lrk.decomp.rank.policy, ``RankPolicy.choose``). E.g. the ResNet-50 stem
+(64 <- 3, 7x7, 9,408 parameters) at ratio 0.5: R1 <= 3 and R2 = beta R1 = 3 keep 642 (0.068); with R1 = 3
+fixed, R2 = 22 keeps 4,651 (0.494). A layer no pair brings within ``ratio_tolerance`` stays dense (report
+kind ``dense (ratio unreachable)``, with a warning). ``energy`` applies the energy rule to each channel-mode unfolding
 (R2 from the output mode, R1 from the input mode). ``beta`` defaults to 1 (the paper's example:
 [512, 512, 3, 3] at 2x -> R1 = R2 = 309); ``beta: null`` means S / C.
 
@@ -54,6 +59,7 @@ def tucker_problem(name: str, conv: nn.Conv2d, beta: float | None) -> RankProble
         spectra=lambda: [mode_singular_values(w, 0), mode_singular_values(w, 1)],
         ratio_guess=lambda ratio: tucker2_rank_eq7(s_out, c_in, k2, 1.0 / ratio, b),
         notes={"kind": "tucker2"},
+        rank_names=("R2", "R1"),
     )
 
 
@@ -68,6 +74,16 @@ class TuckerMethod(SVDMethod):
 
     supported = "Conv2d with groups=1 (Tucker-2 for k x k, SVD for 1x1) and Linear (SVD)"
     extra_keys: ClassVar[dict[str, Any]] = {"beta": 1.0, "n_iter_max": 0}
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {"energy": 1.0},
+        "lossy": {"rank": 1},
+        "invalid": [
+            {"rank": 10_000},
+            {"rank": 2, "beta": 0},
+            {"rank": 2, "n_iter_max": -1},
+            {"rank": 2, "skip": ["no_such_layer"]},
+        ],
+    }
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
