@@ -63,10 +63,45 @@ def test_warm_start_from_a_perturbed_matrix_reaches_one_percent(problem):
     assert t.converged and 1 <= t.iterations < 50
 
 
-def test_random_start_of_algorithm_1_also_converges(problem):
+def _svd_optimum(Y: torch.Tensor, rank: int) -> tuple[float, torch.Tensor]:
+    """Eckart-Young error of the best rank-``rank`` approximation and its right singular vectors, from an
+    independent full ``torch.linalg.svd`` (not lrk's optimal_rank_error)."""
+    Y64 = Y.double()
+    U, S, Vh = torch.linalg.svd(Y64, full_matrices=False)
+    best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    return float((Y64 - best).norm() / Y64.norm()), Vh[:rank].T
+
+
+def test_engineered_variant_from_algorithm_1s_random_start_converges(problem):
+    """The start of Algorithm 1 (l.3-8: random normal, QR), then the engineered iteration (variant="engineered",
+    the default), not Algorithm 1's updates: the published variant is the next test."""
     Y, _, opt = problem
     t = adamatrix(Y, rank=6, init="random", max_iter=50, generator=torch.Generator().manual_seed(3))
-    assert t.rel_error <= 1.01 * opt and t.iterations < 50
+    assert t.rel_error <= 1.01 * opt and t.iterations < 10 and t.converged
+
+
+def test_algorithm_1_as_published_from_its_random_start_does_not_converge(problem):
+    """Algorithm 1 as published (variant="paper": Adam with Nesterov look-ahead on U, S, V, QR, random start)
+    against the engineered default, both measured against an independent SVD. At the paper's lr 1e-4, 2000
+    updates leave the error ~100x the optimum; at 100x that lr the updates do move it (15x the optimum after
+    200, 4.5x after 1000) but 2000 still leave it ~1.8x; the engineered loop from a random start is within
+    0.01 % after 2-3 updates. (Measured on this problem: 138x after 1 update at lr 1e-4, 101x after 2000.)"""
+    Y, _, _ = problem
+    opt, _ = _svd_optimum(Y, 6)
+
+    def paper(lr, steps):
+        gen = torch.Generator().manual_seed(0)
+        return adamatrix(Y, rank=6, variant="paper", lr=lr, tol=0.0, max_iter=steps, generator=gen)
+
+    first, published = paper(1e-4, 1), paper(1e-4, 2000)
+    assert not published.converged and published.iterations == 2000
+    assert published.rel_error > 50 * opt and published.rel_error > 0.5 * first.rel_error  # barely moved
+    faster_1000, faster = paper(1e-2, 1000), paper(1e-2, 2000)
+    assert faster.rel_error < faster_1000.rel_error < 0.1 * first.rel_error  # it moves ...
+    assert faster.rel_error > 1.5 * opt and not faster.converged  # ... but not to the optimum
+    engineered = adamatrix(Y, rank=6, init="random", generator=torch.Generator().manual_seed(0))
+    assert engineered.converged and engineered.iterations <= 5
+    assert engineered.rel_error <= 1.001 * opt
 
 
 def test_target_error_stops_as_soon_as_it_is_reached(problem):
@@ -91,22 +126,22 @@ def test_wide_matrix_and_energy_rule(problem):
     assert e.rank == 6 and e.energy >= phi
 
 
-def test_paper_variant_from_random_start_does_not_converge(problem):
-    """Algorithm 1 as published (Adam on U, S, V, lr 1e-4, QR, random start) stays far from the optimum:
-    the measured reason for the engineered default (module docstring)."""
-    Y, _, opt = problem
-    t = adamatrix(
-        Y, rank=6, variant="paper", tol=0.0, max_iter=200, generator=torch.Generator().manual_seed(0)
-    )
-    assert not t.converged and t.iterations == 200
-    assert t.rel_error > 2 * opt
-
-
 def test_energy_weights_do_not_move_the_optimum(problem):
-    Y, _, opt = problem
-    exact = truncated_svd(Y, rank=6)
-    t = adamatrix(Y, rank=6, init=exact.V, weighting=True, max_iter=5)
-    assert t.rel_error <= 1.0001 * opt
+    """Eq. 8's weights scale the gradient's columns, which changes the path, not where it ends: from a start
+    far from the optimum (~20x its error) the weighted iteration reaches the same subspace and error as the
+    unweighted one and as an independent SVD (slower: ~250 updates against ~60, measured)."""
+    Y, _, _ = problem
+    opt, V_opt = _svd_optimum(Y, 6)
+    noise = torch.randn(48, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    start, _ = torch.linalg.qr(V_opt + 0.5 * noise)
+    start_error = float((Y.double() - Y.double() @ start @ start.T).norm() / Y.double().norm())
+    assert start_error > 10 * opt  # away from the optimum
+    weighted = adamatrix(Y, rank=6, init=start.float(), weighting=True, max_iter=1000, tol=1e-9)
+    plain = adamatrix(Y, rank=6, init=start.float(), weighting=False, max_iter=1000, tol=1e-9)
+    assert weighted.converged and plain.converged and weighted.iterations > plain.iterations
+    assert weighted.rel_error <= 1.0001 * opt and plain.rel_error <= 1.0001 * opt
+    V = weighted.V.double()
+    assert float((V @ V.T - V_opt @ V_opt.T).norm()) < 1e-2  # the optimum's subspace
 
 
 def test_l1_shrinkage_is_refitted_unless_debias_is_off(problem):

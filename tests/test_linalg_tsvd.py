@@ -131,20 +131,36 @@ def test_optimal_rank_error_and_squared_norm():
         ({"energy": -0.1}, r"energy=-0.1 is invalid"),
         ({"rank": 3, "energy": 0.9}, r"exactly one of rank"),
         ({}, r"exactly one of rank"),
-        (
-            {"rank": 3, "solver": "qr"},
-            r"solver='qr' is invalid: it must be one of gram, lowrank, svd, adamatrix",
-        ),
-        ({"rank": 3, "solver": "lowrank", "nither": 2}, r"nither= is invalid for solver='lowrank'.*niter"),
-        ({"rank": 3, "solver": "gram", "accumulate": "half"}, r"accumulate='half' is invalid"),
-        ({"rank": 3, "solver": "lowrank", "niter": -1}, r"niter=-1 is invalid"),
     ],
 )
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_bad_requests_raise_one_clear_error(kwargs, match, solver):
-    kwargs = {"solver": solver, **kwargs}
+    """The same bad request is refused by every solver; a valid request under the same parametrisation runs that
+    solver (its result's ``solver``), so each case tests the solver it names."""
+    Y = torch.randn(40, 12, generator=torch.Generator().manual_seed(0))
+    assert "solver" not in kwargs
     with pytest.raises(ValueError, match=match):
-        truncated_svd(torch.randn(40, 12), **kwargs)
+        truncated_svd(Y, solver=solver, **kwargs)
+    assert truncated_svd(Y, rank=3, solver=solver).solver == solver
+
+
+@pytest.mark.parametrize(
+    ("solver", "options", "match"),
+    [
+        ("qr", {}, r"solver='qr' is invalid: it must be one of gram, lowrank, svd, adamatrix"),
+        ("lowrank", {"nither": 2}, r"nither= is invalid for solver='lowrank'.*niter"),
+        ("gram", {"accumulate": "half"}, r"accumulate='half' is invalid"),
+        ("lowrank", {"niter": -1}, r"niter=-1 is invalid"),
+    ],
+)
+def test_bad_solver_options_raise_one_clear_error(solver, options, match):
+    """Options of one solver, each run with its own solver (not crossed with every solver, where the case's
+    solver would override the parametrised one); without the bad option that solver runs."""
+    Y = torch.randn(40, 12, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        truncated_svd(Y, rank=3, solver=solver, **options)
+    if solver in SOLVERS:
+        assert truncated_svd(Y, rank=3, solver=solver).solver == solver
 
 
 def test_bad_matrices_raise_clear_errors():
@@ -157,3 +173,81 @@ def test_bad_matrices_raise_clear_errors():
     for solver in SOLVERS:
         with pytest.raises(ValueError, match="NaN or inf"):
             truncated_svd(bad, rank=2, solver=solver)
+
+
+# --- compute_u=False: V and S without U ------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(200, 30), (30, 200)])
+@pytest.mark.parametrize("request_", [{"rank": 7}, {"energy": 0.9}])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_without_u_gives_the_same_v_s_rank_and_error(shape, request_, dtype):
+    """gram_svd(compute_u=False): U is None; rank, V and S are those of compute_u=True, and energy / rel_error
+    (from the eigenvalues) match the error of the full factorisation and the Eckart-Young optimum."""
+    from lrk.linalg.tsvd import gram_svd
+
+    Y = (
+        _matrix(*shape, SPECTRUM, dtype=dtype)
+        if shape[0] > shape[1]
+        else _matrix(shape[1], shape[0], SPECTRUM, dtype=dtype).T
+    )
+    with_u = gram_svd(Y, **request_)
+    without = gram_svd(Y, **request_, compute_u=False)
+    assert without.U is None and with_u.U is not None
+    assert without.rank == with_u.rank and without.V.shape == with_u.V.shape == (shape[1], with_u.rank)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(without.V, with_u.V, atol=tol, rtol=0)
+    torch.testing.assert_close(without.S, with_u.S, atol=tol * float(SPECTRUM[0]), rtol=0)
+    opt = optimal_rank_error(SPECTRUM, with_u.rank)
+    assert (
+        without.rel_error == pytest.approx(_actual_error(Y, with_u), abs=tol) == pytest.approx(opt, abs=tol)
+    )
+    assert without.energy == pytest.approx(1 - opt**2, abs=tol)
+    with pytest.raises(ValueError, match="no U"):
+        without.reconstruct()
+
+
+def test_gram_without_u_forms_no_product_with_y_beyond_the_gram_matrix():
+    """Tall Y: compute_u=False multiplies Y only into its Gram matrix (U = Y V / S is the product it skips)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lrk.linalg.tsvd import gram_svd
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul"):
+                self.shapes.append([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+            return func(*args, **(kwargs or {}))
+
+    Y = _matrix(200, 30, SPECTRUM)
+    with Products() as with_u:
+        gram_svd(Y, rank=7)
+    with Products() as without:
+        gram_svd(Y, rank=7, compute_u=False)
+    assert without.shapes == [[(30, 200), (200, 30)]]  # Y^T Y only
+    assert with_u.shapes == [[(30, 200), (200, 30)], [(200, 30), (30, 7)]]  # Y^T Y and Y V
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_truncated_svd_without_u_for_every_solver(solver):
+    Y = _matrix(120, 30, SPECTRUM)
+    full = truncated_svd(
+        Y,
+        rank=5,
+        solver=solver,
+        **({"generator": torch.Generator().manual_seed(0)} if solver == "lowrank" else {}),
+    )
+    light = truncated_svd(
+        Y,
+        rank=5,
+        solver=solver,
+        compute_u=False,
+        **({"generator": torch.Generator().manual_seed(0)} if solver == "lowrank" else {}),
+    )
+    assert light.U is None and light.rank == full.rank == 5
+    torch.testing.assert_close(light.V @ light.V.T, full.V @ full.V.T, atol=1e-6, rtol=0)  # the same subspace
+    assert light.rel_error == pytest.approx(full.rel_error, rel=1e-6)
+    with pytest.raises(ValueError, match="compute_u=1 is invalid"):
+        truncated_svd(Y, rank=5, solver=solver, compute_u=1)

@@ -24,6 +24,34 @@ DENSE_METRICS = {
 }  # fmt: skip
 
 
+def expected_flops_per_image(cfg) -> tuple[float, int]:
+    """FLOPs of one forward per image of the dense tiny ViT of ``cfg``, counted independently of lrk.measure:
+    (1) the matrix products and convolutions by hand (2 per multiply-add; biases, norms, softmax, GELU not
+    counted), checked against torch's own FlopCounterMode, which counts 0 for the CPU kernel of
+    scaled_dot_product_attention (design.md); (2) attention's Q K^T and A V by hand: 4 H T^2 d_h per layer.
+    Returns (expected total, the model's parameter count)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lrk.models import build_backbone
+
+    data, bb = cfg.data, cfg.backbone
+    classes = 2 if data.label_mode == "binary" else 4
+    model = build_backbone(bb, num_classes=classes, in_chans=data.channels, image_size=data.image_size).eval()
+    d, depth, hidden = bb.dim, bb.depth, int(bb.dim * bb.mlp_ratio)
+    patch = model.patch_embed.patch_size
+    patches = (data.image_size // patch) ** 2
+    t = patches + 1  # + the class token
+    by_hand = 2 * patches * d * data.channels * patch * patch  # patch embedding
+    by_hand += depth * 2 * t * (d * 3 * d + d * d + d * hidden + hidden * d)  # qkv, proj, fc1, fc2
+    by_hand += 2 * d * classes  # head on the class token
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, data.channels, data.image_size, data.image_size))
+    assert counter.get_total_flops() == by_hand  # torch agrees on the products outside attention
+    attention = depth * 4 * t * t * d  # 4 H T^2 d_h with H d_h = d
+    return float(by_hand + attention), sum(p.numel() for p in model.parameters())
+
+
 def test_dense_run_writes_every_metric_and_summary(tiny_cfg):
     cfg = tiny_cfg()
     metrics = run(cfg)
@@ -35,7 +63,10 @@ def test_dense_run_writes_every_metric_and_summary(tiny_cfg):
     assert not missing, f"metrics missing: {missing}"
     assert summary["metrics"] == pytest.approx(metrics)
     assert metrics["model/params"] == metrics["model/params_dense"] and metrics["model/compression"] == 1.0
-    assert metrics["model/flops"] > 0 and metrics["time/mha_s"] > 0
+    flops, params = expected_flops_per_image(cfg)
+    assert metrics["model/params"] == params  # the model counted is the one rebuilt here
+    assert metrics["model/flops"] == pytest.approx(flops, rel=1e-9)  # attention's T^2 products included
+    assert metrics["time/mha_s"] > 0
     assert metrics["time/train_s"] > 0 and metrics["time/epoch_s"] > 0
     assert 0.0 <= metrics["test/bal_acc"] <= 1.0
     assert summary["versions"]["torch"] and summary["config"]["data"]["name"] == "synthetic"

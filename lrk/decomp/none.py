@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -16,6 +16,12 @@ class NoDecomposition(DecompMethod):
     """No decomposition. Rank-policy keys are ignored (the config may leave them all null)."""
 
     supported = "nothing (the model stays dense)"
+    generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
+        "exact": {},
+        "lossy": None,
+        "lossy_reason": "the dense baseline: apply changes nothing, whatever the keys",
+        "invalid": [{"no_such_key": 1}, {"stage": "later"}],
+    }
 
     def apply(self, model: nn.Module, calibration_batches: Iterable[Any] | None = None) -> DecompReport:
         """Return an empty report; ``metrics()`` then gives ``time/rr_s`` = 0 and ``decomp/layers`` = 0."""
