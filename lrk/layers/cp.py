@@ -1,5 +1,7 @@
-"""``decomp=cp``: CP-decomposed convolutions and tensorized Linear layers (tensor_methods_lecture, "CPD as a
+"""CP-decomposed convolutions and tensorized Linear layers (tensor_methods_lecture, "CPD as a
 depthwise convolution"; CP-ALS, lecture Algorithm 1).
+
+The layers; the method that chooses their ranks and targets is :mod:`lrk.decomp.weight.cp`.
 
 Convolution: the kernel ``W in R^{S x C x kh x kw}`` is read as the 3-way tensor ``S x C x (kh kw)`` and
 ``W ~= sum_r A[:, r] o B[:, r] o K[:, r]``; the layer becomes a pointwise conv C -> R (B^T), a depthwise
@@ -12,15 +14,6 @@ Linear: ``W in R^{out x in}`` is tensorized as ``o_1 x .. x o_d x i_1 x .. x i_d
 out and in, ``linear_modes`` = d each, or ``out_factors`` / ``in_factors``) and CP-decomposed; the
 forward contracts the input with the input factors, then expands with the output factors: about
 2 N R (in + out) FLOPs, never the dense matrix.
-
-Ranks: ``rank`` = R; ``ratio`` = the R whose R (sum of mode sizes) (+ bias) is nearest to the target;
-``energy`` = the largest of the per-mode energy ranks (every unfolding of a rank-R CP tensor has rank
-<= R, so this is the smallest R that could keep phi of each unfolding's energy: a lower bound, not a
-guarantee). The valid range of ``rank`` is [1, prod(dims) / max(dims)], the generic upper bound of the
-CP rank (CP rank may exceed min(dims)).
-
-Default targets: every k x k Conv2d (k > 1, groups=1) except the stem, and every Linear except the head.
-ALS runs at most ``n_iter_max`` sweeps (25) from an SVD initialisation.
 """
 
 from __future__ import annotations

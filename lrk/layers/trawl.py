@@ -1,6 +1,8 @@
-"""``decomp=trawl``: the TRAWL baseline (Luo et al. 2024, cited as [51] by seeds/sdrm_paper.txt section 5.1):
+"""The TRAWL baseline (Luo et al. 2024, cited as [51] by seeds/sdrm_paper.txt section 5.1):
 stack same-shaped weights of different layers into one higher-order tensor and decompose it with
 Tucker or CP, so that the layers share factors.
+
+The layers; the method that chooses their ranks and targets is :mod:`lrk.decomp.weight.trawl`.
 
 Groups: the target layers are grouped by type and weight shape, e.g. the twelve ``blocks.*.attn.qkv`` of a
 ViT form a 12 x 1152 x 384 tensor, the ``blocks.*.mlp.fc1`` another; ResNet's same-shaped 3x3 kernels
@@ -12,22 +14,6 @@ its own core (R2 x R1 x kh x kw); with ``layer_rank: K < L`` the layer mode is d
 layer's core is a mix (K coefficients) of K shared cores. ``decomposition: cp``: a CP of the stack;
 the layers share the output, input (and spatial) factors and keep a vector of R scales each:
 ``W_l = A diag(lambda * L[l]) B^T``.
-
-Ranks are chosen per group with the shared policy: ``rank`` (R1 = R2 = rank, or the CP rank), ``ratio``
-(of the group's dense parameters), ``energy`` (per channel-mode unfolding of the stack; for CP the
-largest of the per-mode energy ranks). Shared parameters are ``nn.Parameter`` objects held by one
-:class:`TrawlShared` module that every layer of the group registers, so ``model.parameters()`` counts them
-once and fine-tuning updates them for all layers. In the report each layer is charged its own
-parameters plus 1/L of the group's shared ones.
-
-Default targets: every Linear except the classifier head and every Conv2d (groups=1) except the stem.
-
-Protocol (:class:`~lrk.layers.base.FactorizedLayer`): a layer's factors are those of its group, so
-:func:`build_group` (no config; the same construction as ``decomp=trawl``) is the group builder, and
-``TrawlLinear.from_dense`` / ``TrawlConv2d.from_dense`` build a **group of one layer** (its own
-:class:`TrawlShared`), which is how ``decomp=trawl`` treats a layer of a unique shape. ``factors()`` includes
-the shared factors (keys ``"shared.out_factor"``, ...): freezing them freezes them for the whole group.
-``fold()`` is the dense module only (the shared factors cannot be merged into one layer without unsharing them).
 """
 
 from __future__ import annotations

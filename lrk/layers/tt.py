@@ -1,16 +1,11 @@
-"""``decomp=tt``: Linear layers (and 1x1 convolutions) as Tensor-Train matrices (tensor_methods_lecture
+"""Linear layers (and 1x1 convolutions) as Tensor-Train matrices (tensor_methods_lecture
 "Tensor Train"; TT-SVD by TensorLy ``tensor_train_matrix``).
+
+The layers; the method that chooses their ranks and targets is :mod:`lrk.decomp.weight.tt`.
 
 ``out`` and ``in`` are each split into ``cores`` balanced factors (or ``out_factors`` / ``in_factors``
 given); core k is ``r_(k-1) x o_k x i_k x r_k``. The forward contracts the cores with the input one at a
 time (:func:`lrk.linalg.tt.tt_matvec`), never forming the dense matrix.
-
-Ranks: ``rank=r`` sets every bond to r, capped at each bond's maximum (valid range [1, largest bond
-maximum]); ``ratio`` takes the uniform r whose parameter count is nearest to the target; ``energy``
-applies the energy rule to each TT unfolding (TT-SVD's error is bounded by the sum of the discarded
-energies). ``k x k`` convolutions (k > 1) are not supported.
-
-Default targets: every Linear except the classifier head, and every 1x1 Conv2d (stride any, padding 0).
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """``decomp=cp``: CP-decomposed convolutions and tensorized Linear layers (tensor_methods_lecture, "CPD as a
 depthwise convolution"; CP-ALS, lecture Algorithm 1).
 
-Convolution: the kernel ``W in R^{S x C x kh x kw}`` is read as the 3-way tensor ``S x C x (kh kw)`` and
-``W ~= sum_r A[:, r] o B[:, r] o K[:, r]``; the layer becomes a pointwise conv C -> R (B^T), a depthwise
-``kh x kw`` conv on the R channels (K; stride, padding, dilation of the dense conv) and a pointwise conv
-R -> S (A, with the bias). The spatial factor is a full ``kh x kw`` depthwise filter (not kx1 then 1xk):
-one layer fewer, and it keeps the exactness of the 3-way model. The CP weights lambda are spread evenly
-(lambda^(1/3)) over the three factors so that fine-tuning starts balanced.
-
-Linear: ``W in R^{out x in}`` is tensorized as ``o_1 x .. x o_d x i_1 x .. x i_d`` (balanced factors of
-out and in, ``linear_modes`` = d each, or ``out_factors`` / ``in_factors``) and CP-decomposed; the
-forward contracts the input with the input factors, then expands with the output factors: about
-2 N R (in + out) FLOPs, never the dense matrix.
+The layers it builds, and how they compute, are documented in :mod:`lrk.layers.cp`; this module is
+the method: targets, ranks, validation.
 
 Ranks: ``rank`` = R; ``ratio`` = the R whose R (sum of mode sizes) (+ bias) is nearest to the target;
 ``energy`` = the largest of the per-mode energy ranks (every unfolding of a rank-R CP tensor has rank

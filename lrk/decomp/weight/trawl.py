@@ -2,16 +2,8 @@
 stack same-shaped weights of different layers into one higher-order tensor and decompose it with
 Tucker or CP, so that the layers share factors.
 
-Groups: the target layers are grouped by type and weight shape, e.g. the twelve ``blocks.*.attn.qkv`` of a
-ViT form a 12 x 1152 x 384 tensor, the ``blocks.*.mlp.fc1`` another; ResNet's same-shaped 3x3 kernels
-(e.g. the four 64x64x3x3 of layer1) a 4 x 64 x 64 x 3 x 3 one. A group of one layer is decomposed alone.
-
-``decomposition: tucker`` (default): Tucker along the channel modes (HOSVD + HOOI, TensorLy
-``partial_tucker``): every layer of the group shares ``U_out`` (S x R2) and ``U_in`` (C x R1) and keeps
-its own core (R2 x R1 x kh x kw); with ``layer_rank: K < L`` the layer mode is decomposed too, and each
-layer's core is a mix (K coefficients) of K shared cores. ``decomposition: cp``: a CP of the stack;
-the layers share the output, input (and spatial) factors and keep a vector of R scales each:
-``W_l = A diag(lambda * L[l]) B^T``.
+The layers it builds, and how they compute, are documented in :mod:`lrk.layers.trawl`; this module is
+the method: targets, ranks, validation.
 
 Ranks are chosen per group with the shared policy: ``rank`` (R1 = R2 = rank, or the CP rank), ``ratio``
 (of the group's dense parameters, met within ``ratio_tolerance``, else the whole group stays dense with one

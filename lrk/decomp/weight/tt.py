@@ -1,9 +1,8 @@
 """``decomp=tt``: Linear layers (and 1x1 convolutions) as Tensor-Train matrices (tensor_methods_lecture
 "Tensor Train"; TT-SVD by TensorLy ``tensor_train_matrix``).
 
-``out`` and ``in`` are each split into ``cores`` balanced factors (or ``out_factors`` / ``in_factors``
-given); core k is ``r_(k-1) x o_k x i_k x r_k``. The forward contracts the cores with the input one at a
-time (:func:`lrk.linalg.tt.tt_matvec`), never forming the dense matrix.
+The layers it builds, and how they compute, are documented in :mod:`lrk.layers.tt`; this module is
+the method: targets, ranks, validation.
 
 Ranks: ``rank=r`` sets every bond to r, capped at each bond's maximum (valid range [1, largest bond
 maximum]); ``ratio`` takes the uniform r whose parameter count is nearest to the target; ``energy``
