@@ -33,9 +33,9 @@ from lrk.decomp.weight.base import WeightMethod
 from lrk.decomp.weight.svd import conv_support_error
 from lrk.errors import LrkConfigError
 from lrk.layers.base import FactorizedLayer, describe
-from lrk.layers.trawl import DECOMPOSITIONS, TrawlConv2d, TrawlLinear, TrawlShared
-from lrk.linalg.cp import cp_als, cp_params, cp_rank_bound
-from lrk.linalg.tucker import mode_singular_values, tucker2
+from lrk.layers.trawl import DECOMPOSITIONS, build_group
+from lrk.linalg.cp import cp_params, cp_rank_bound
+from lrk.linalg.tucker import mode_singular_values
 from lrk.measure import count_params
 
 
@@ -158,44 +158,9 @@ class TrawlMethod(WeightMethod):
     def build_group(
         self, names: list[str], modules: list[nn.Module], ranks: Ranks, problem: RankProblem
     ) -> list[FactorizedLayer]:
-        stack = problem.notes["stack"]
-        first = modules[0]
-        kh, kw = (1, 1) if isinstance(first, nn.Linear) else first.kernel_size
-        dtype = first.weight.dtype
-        n_layers = len(modules)
-        cores: list[torch.Tensor | None] = [None] * n_layers
-        coefs: list[torch.Tensor | None] = [None] * n_layers
-        if self.kind == "tucker":
-            r_out, r_in = ranks
-            core, u_out, u_in = tucker2(
-                stack, (r_out, r_in), n_iter_max=self.n_iter_max, tol=self.tol, modes=(1, 2)
-            )
-            core = core.reshape(n_layers, r_out, r_in, kh, kw)
-            basis = None
-            if self.layer_rank is None or self.layer_rank == n_layers:
-                cores = list(core.to(dtype))
-            else:  # Tucker of the layer mode of the core: core_l = sum_k U_L[l, k] basis_k
-                layer_core, layer_factor, _ = tucker2(
-                    core.reshape(n_layers, -1, 1), (self.layer_rank, 1), n_iter_max=0, modes=(0, 2)
-                )
-                basis = layer_core.reshape(self.layer_rank, r_out, r_in, kh, kw).to(dtype)
-                coefs = list(layer_factor.to(dtype))
-            shared = TrawlShared("tucker", u_out.to(dtype), u_in.to(dtype), core_basis=basis)
-        else:
-            result = cp_als(stack, ranks[0], n_iter_max=self.n_iter_max, tol=self.tol)
-            factors = result.factors
-            scales = factors[0] * result.weights  # (L, R)
-            spatial = factors[3].T.reshape(-1, kh, kw).to(dtype) if stack.ndim == 4 else None
-            shared = TrawlShared("cp", factors[1].to(dtype), factors[2].to(dtype), spatial=spatial)
-            coefs = list(scales.to(dtype))
-        shared = shared.to(first.weight.device)
-        out: list[FactorizedLayer] = []
-        for m, core_l, coef_l in zip(modules, cores, coefs, strict=True):
-            if isinstance(m, nn.Linear):
-                out.append(TrawlLinear(shared, ranks, core_l, coef_l, m.bias))
-            else:
-                out.append(TrawlConv2d(m, shared, ranks, core_l, coef_l))
-        return [layer.to(first.weight.device) for layer in out]
+        """The group's layers sharing one decomposition of their stacked weights (:func:`lrk.layers.trawl.build_group`)."""
+        layer_rank = self.layer_rank if self.kind == "tucker" else None
+        return build_group(modules, ranks, self.kind, layer_rank, self.n_iter_max, self.tol)
 
     def prepare(
         self, model: nn.Module, targets: list[tuple[str, nn.Module]], batches: list[Any]
