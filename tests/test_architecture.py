@@ -75,7 +75,9 @@ def test_no_import_cycle() -> None:
     when the package is its parent, since Python loads that __init__ first anyway)."""
 
     def edges(module: str) -> list[str]:
-        return [t for t in GRAPH.get(module, ()) if t in GRAPH and t != module and not module.startswith(t + ".")]
+        return [
+            t for t in GRAPH.get(module, ()) if t in GRAPH and t != module and not module.startswith(t + ".")
+        ]
 
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -103,4 +105,9 @@ def test_the_graph_sees_known_edges() -> None:
     SDRM layer imports the solvers, and measure imports no lrk module."""
     assert "lrk.decomp.targets" in GRAPH["lrk.decomp.base"]
     assert "lrk.linalg.svd_solvers" in GRAPH["lrk.layers.attention.sdrm"]
-    assert not any(package_of(t) not in ANYONE | {"measure"} for m, ts in GRAPH.items() if package_of(m) == "measure" for t in ts)
+    assert not any(
+        package_of(t) not in ANYONE | {"measure"}
+        for m, ts in GRAPH.items()
+        if package_of(m) == "measure"
+        for t in ts
+    )

@@ -25,9 +25,13 @@ SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"
 #: measured seconds of ``python benchmarks/<name>.py --quick`` (2 shared cores)
 QUICK_SECONDS = {
     "attention_variants": 11,
+    "branched_tucker": 19,
     "callback_overhead": 8,
     "factorized_layers": 58,
+    "freeze_merge": 10,
     "lrd_2x_counts": 16,
+    "model_flops": 5,
+    "rank_search_curve": 8,
     "sdrm_attention": 17,
     "sdrm_phases": 15,
     "tsvd": 3,

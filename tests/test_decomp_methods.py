@@ -146,7 +146,10 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
             {"name": "svd", "rank": 2, "targets": ["blocks.*.attn.qkvv"]},
             r"pattern 'blocks.\*.attn.qkvv' matches no Linear/Conv layers \(no module at all\)",
         ),
-        ({"name": "svd", "rank": 2, "targets": ["blocks.*.norm"]}, r"matches no Linear/Conv layers \(only blocks.0.norm"),
+        (
+            {"name": "svd", "rank": 2, "targets": ["blocks.*.norm"]},
+            r"matches no Linear/Conv layers \(only blocks.0.norm",
+        ),
         (
             {"name": "svd", "rank": 2, "skip": ["nothing.*"]},
             r"decomp.skip pattern 'nothing.\*' matches no module",

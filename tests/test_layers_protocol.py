@@ -33,6 +33,7 @@ from lrk.layers import (
     TuckerConv2d,
 )
 from lrk.layers.base import module_flops
+from lrk.layers.branched_tucker import BranchedTuckerConv2d
 from lrk.layers.trawl import build_group
 from lrk.linalg.cp import cp_to_tensor
 from lrk.linalg.tt import tt_max_ranks
@@ -151,6 +152,34 @@ def _tucker() -> list[Case]:
     ]
 
 
+def _branched_tucker() -> list[Case]:  # tests/test_branched_tucker.py has the maths
+    return [
+        Case(
+            "low-2",
+            _conv(),
+            lambda d: BranchedTuckerConv2d.from_dense(d, (4, 6), branches=2),
+            IMG,
+            keeps=THREE,
+            extra_shapes=(ODD,),
+        ),
+        Case(
+            "full-1",
+            _conv(),
+            lambda d: BranchedTuckerConv2d.from_dense(d, (12, 8), branches=1),
+            IMG,
+            exact_tol=1e-4,
+            keeps=THREE,
+        ),
+        Case(
+            "low-4-sweeps-dilated-reflect-nobias",
+            _conv(stride=1, padding=2, dilation=2, bias=False, padding_mode="reflect"),
+            lambda d: BranchedTuckerConv2d.from_dense(d, 8, branches=4, sweeps=2),
+            IMG,
+            keeps=THREE,
+        ),
+    ]
+
+
 def _cp_conv() -> list[Case]:
     return [
         Case(
@@ -250,6 +279,7 @@ CASES: dict[type[FactorizedLayer], Callable[[], list[Case]]] = {
     SVDLinear: _svd_linear,
     SVDConv2d: _svd_conv,
     TuckerConv2d: _tucker,
+    BranchedTuckerConv2d: _branched_tucker,
     CPConv2d: _cp_conv,
     CPLinear: _cp_linear,
     TTLinear: _tt_linear,
@@ -376,6 +406,11 @@ BAD_RANKS: dict[type[FactorizedLayer], list[tuple[Callable[[], FactorizedLayer],
         (lambda: TuckerConv2d.from_dense(_conv(), (13, 8)), 13),
         (lambda: TuckerConv2d.from_dense(_conv(), (12, 9)), 9),
         (lambda: TuckerConv2d.from_dense(_conv(), 0), 0),
+    ],
+    BranchedTuckerConv2d: [
+        (lambda: BranchedTuckerConv2d.from_dense(_conv(), (14, 8)), 14),
+        (lambda: BranchedTuckerConv2d.from_dense(_conv(), (4, 3), branches=2), 3),
+        (lambda: BranchedTuckerConv2d.from_dense(_conv(), 4, branches=0), 0),
     ],
     CPConv2d: [(lambda: CPConv2d.from_dense(_conv(), 73), 73), (lambda: CPConv2d.from_dense(_conv(), 0), 0)],
     CPLinear: [

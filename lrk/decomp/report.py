@@ -25,8 +25,9 @@ DENSE_KIND = "dense (ratio unreachable)"
 
 
 def is_dense_row(row: dict[str, Any]) -> bool:
-    """Whether a report row is a layer left dense (:data:`DENSE_KIND`)."""
-    return row.get("kind") == DENSE_KIND
+    """Whether a report row is a layer left dense: its ratio was unreachable (:data:`DENSE_KIND`), or the rank
+    search found no decomposed rank faster than the dense layer (``dense (slower decomposed)``)."""
+    return str(row.get("kind", "")).startswith("dense (")
 
 
 @dataclass

@@ -6,6 +6,7 @@ kernels.
 """
 
 from lrk.layers.base import FactorizedLayer, conv_like
+from lrk.layers.branched_tucker import BranchedTuckerConv2d
 from lrk.layers.cp import CPConv2d, CPLinear
 from lrk.layers.svd import SVDConv2d, SVDLinear
 from lrk.layers.trawl import TrawlConv2d, TrawlLinear, TrawlShared
@@ -13,6 +14,7 @@ from lrk.layers.tt import TTConv1x1, TTLinear
 from lrk.layers.tucker import TuckerConv2d
 
 __all__ = [
+    "BranchedTuckerConv2d",
     "CPConv2d",
     "CPLinear",
     "FactorizedLayer",

@@ -128,6 +128,9 @@ class LitClassifier(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> dict:
+        """AdamW over the parameters that require grad only: factors frozen by ``decomp.freeze``
+        (accelerating_lrd_paper Sec. 2.2) get no optimizer state and no weight decay. The two groups are built
+        the same way from the same model on resume, so a checkpoint's optimizer state loads back."""
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
             if not parameter.requires_grad:

@@ -10,6 +10,13 @@ params_before`` and the reason in ``note``, and one :class:`RatioUnreachableWarn
 layer, the requested ratio and the best achievable one. The achieved fraction is checked again on the built
 module (``params_after / params_before`` of its row, counted from the modules); a built layer that misses the
 tolerance is put back dense the same way. ``rank`` and ``energy`` policies are not checked.
+
+``rank_search: latency`` (keys :data:`~lrk.decomp.rank.latency.RANK_SEARCH_KEYS`, lrk.decomp.rank.latency):
+from the policy's ranks, accelerating_lrd_paper Algorithm 1 times the layer at lower ranks and the dense layer,
+and the layer is built at the rank it picks, or kept dense (kind ``dense (slower decomposed)``); the row gets the
+search's columns (``rank_policy``, ``rank_chosen``, ``dense_ms``, ``policy_ms``, ``chosen_ms``,
+``latency_curve``, ``search_s``, ``search_timed``), and a searched rank below the policy's is checked against
+the upper end of ``ratio_tolerance`` only.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from torch import nn
 
 from lrk.checks import is_int
 from lrk.decomp.base import Built, DecompMethod
+from lrk.decomp.freeze import freeze_layer, parse_freeze
+from lrk.decomp.merge import check_mergeable, merge_model, merged_rows
+from lrk.decomp.rank.latency import EMPTY_FIELDS, RANK_SEARCH_KEYS, RankSearch
 from lrk.decomp.rank.policy import (
     DEFAULT_RATIO_TOLERANCE,
     FixedRank,
@@ -43,7 +53,11 @@ log = logging.getLogger(__name__)
 CLASSIFIER_NAMES = ("head", "head_dist", "fc", "classifier")
 
 #: config keys every weight method has besides the common ones of lrk.decomp.base
-WEIGHT_KEYS: dict[str, Any] = {"ratio_tolerance": DEFAULT_RATIO_TOLERANCE}
+WEIGHT_KEYS: dict[str, Any] = {"ratio_tolerance": DEFAULT_RATIO_TOLERANCE, **RANK_SEARCH_KEYS}
+
+
+#: keys of the weight methods that declare ``factor_roles`` (lrk.decomp.freeze, lrk.decomp.merge)
+FREEZE_MERGE_KEYS: dict[str, Any] = {"freeze": "none", "merge": False}
 
 
 class RatioUnreachableWarning(UserWarning):
@@ -75,10 +89,14 @@ class WeightMethod(DecompMethod):
     """
 
     extra_keys: ClassVar[dict[str, Any]] = dict(WEIGHT_KEYS)
+    #: roles of the factors of the layers the method builds (lrk.decomp.freeze.LAYER_ROLES); a method that
+    #: declares roles also has the keys ``freeze`` (Sec. 2.2) and ``merge`` (Sec. 2.3), :data:`FREEZE_MERGE_KEYS`
+    factor_roles: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.extra_keys = {**WEIGHT_KEYS, **cls.extra_keys}
+        roles = FREEZE_MERGE_KEYS if cls.factor_roles else {}
+        cls.extra_keys = {**WEIGHT_KEYS, **roles, **cls.extra_keys}
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -88,6 +106,17 @@ class WeightMethod(DecompMethod):
                 f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0"
             )
         self.policy: RankPolicy = RankPolicy.from_config(self.cfg)
+        per_layer = type(self).build is DecompMethod.build  # TRAWL builds groups: no per-layer rank search
+        self.rank_search = RankSearch.from_config(self.cfg, self.name, per_layer)
+        self.freeze: str | tuple[str, ...] = "none"
+        self.merge = False
+        if self.factor_roles:
+            self.freeze = parse_freeze(self.cfg["freeze"], self.name, self.factor_roles)
+            if not isinstance(self.cfg["merge"], bool):
+                raise LrkConfigError(
+                    f"decomp.merge={self.cfg['merge']!r} is invalid: it must be true or false"
+                )
+            self.merge = self.cfg["merge"]
 
     # --- hooks -----------------------------------------------------------------------------------------
     def support_error(self, name: str, module: nn.Module) -> str | None:
@@ -130,30 +159,52 @@ class WeightMethod(DecompMethod):
         if isinstance(selector, FixedRank):
             for problem in problems.values():
                 selector.check(problem)
-        return {"selector": selector, "problems": problems, "rows": {}}
+        if self.merge:  # before any maths: merge must find something, and have batches to re-fit BNs
+            check_mergeable(model, [name for name, _ in targets], self.name)
+            if not batches:
+                raise LrkConfigError(
+                    f"decomp.merge=true needs calibration batches (decomp={self.name}): the merged blocks' batch "
+                    "norms are re-fitted and their errors measured on them; set decomp.calibration_batches >= 1"
+                )
+        search = self.rank_search.prepare(model, targets, batches, problems) if self.rank_search else None
+        return {"selector": selector, "problems": problems, "rows": {}, "rank_search": search}
 
     def build_module(self, name: str, module: nn.Module, context: dict[str, Any]) -> nn.Module:
         """The factorized layer at the policy's ranks, or ``module`` itself (left dense, with a warning) when
         the requested ratio is unreachable, before or (counted from the built module) after building."""
         problem = context["problems"][name]
+        search, found = context.get("rank_search"), None  # decomp.rank_search=latency: Algorithm 1
+        extra = EMPTY_FIELDS if search is not None else {}
         with torch.no_grad():
             start = time.perf_counter()
             choice = self.policy.choose(problem, context["selector"])
             if not choice.reachable:
                 problem.notes.pop("usv", None)
-                context["rows"][name] = self.dense_row(
-                    name, module, choice, time.perf_counter() - start, problem
-                )
+                row = self.dense_row(name, module, choice, time.perf_counter() - start, problem)
+                context["rows"][name] = {**row, **extra}
                 return module
-            new = self.build_layer(name, module, choice.ranks, problem)
+            ranks = choice.ranks
+            if search is not None:
+                found = search.search(name, module, problem, choice.ranks, self.policy)
+                start += found.seconds  # the search has its own column, search_s
+                extra = found.fields()
+                if found.ranks is None:  # no decomposed candidate beat the dense layer
+                    problem.notes.pop("usv", None)
+                    context["rows"][name] = found.dense_row(name, module, time.perf_counter() - start)
+                    return module
+                ranks = found.ranks
+            new = self.build_layer(name, module, ranks, problem)
             new.train(module.training)
             seconds = time.perf_counter() - start
         problem.notes.pop("usv", None)  # free the cached SVD
-        row = self.row(name, module, new, choice.ranks, seconds, problem)
-        row["note"] = choice.note
+        row = self.row(name, module, new, ranks, seconds, problem)
+        row["note"] = "; ".join(n for n in (choice.note, found and found.note) if n) or None
+        row.update(extra)
         built = row["params_after"] / row["params_before"]
-        if not self.policy.within(built):  # the closed form and the module disagree: trust the module
-            context["rows"][name] = self.dense_row(name, module, choice, seconds, problem, built=built)
+        if not (found.ratio_ok(self.policy, built) if found else self.policy.within(built)):
+            # the closed form and the module disagree: trust the module
+            row = self.dense_row(name, module, choice, seconds, problem, built=built)
+            context["rows"][name] = {**row, **extra}
             return module
         context["rows"][name] = row
         return new
@@ -200,7 +251,38 @@ class WeightMethod(DecompMethod):
     def finish(
         self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]
     ) -> list[dict[str, Any]]:
-        return [context["rows"][name] for name, _, _ in built]
+        rows = [context["rows"][name] for name, _, _ in built]
+        return self.merge_and_freeze(model, built, batches, rows)
+
+    def merge_and_freeze(
+        self, model: nn.Module, built: Built, batches: list[Any], rows: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """``merge: true``: :func:`lrk.decomp.merge.merge_model` (the merged units' rows replace their layers'
+        rows); then ``freeze``: the factors of the named roles of every decomposed layer still in the model get
+        ``requires_grad=False`` (rows gain ``frozen`` and ``frozen_params``), lrk.decomp.freeze."""
+        if self.merge:
+            report = merge_model(model, batches, {name: old for name, old, new in built if new is not old})
+            if not report.rows:
+                reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in report.skipped[:5])
+                raise LrkConfigError(
+                    f"decomp.merge=true merged nothing after decomp={self.name} ({reasons or 'no unit'}): e.g. every "
+                    "targeted conv2 stayed dense (ratio unreachable); set merge: false or other targets"
+                )
+            log.info("decomp=%s merge: %s", self.name, report.summary())
+            rows = merged_rows(rows, report)
+        if self.freeze != "none":
+            modules = dict(model.named_modules())
+            owner = {n: row for row in rows for n in row.get("merged_layers") or [row["name"]]}
+            for row in rows:
+                row.update(frozen=[], frozen_params=0)
+            for name in sorted({name for name, _, _ in built} | set(owner)):
+                module, row = modules.get(name), owner.get(name)
+                if isinstance(module, FactorizedLayer):
+                    info = freeze_layer(module, self.freeze)
+                    if row is not None:
+                        row["frozen"] = sorted({*row["frozen"], *info["frozen"]})
+                        row["frozen_params"] += info["frozen_params"]
+        return rows
 
     def row(
         self,

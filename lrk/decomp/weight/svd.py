@@ -74,6 +74,7 @@ class SVDMethod(WeightMethod):
     """Truncated SVD of Linear layers and (matricized) Conv2d kernels, Eqs. 1-3."""
 
     supported = "Linear and Conv2d with groups=1 (a k x k kernel is matricized as out x (in k k))"
+    factor_roles: ClassVar[tuple[str, ...]] = ("first", "last")  # w0, w1 (lrk.decomp.freeze)
     generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
         "exact": {"energy": 1.0},
         "lossy": {"rank": 1},
