@@ -50,6 +50,7 @@ COMMON_KEYS: dict[str, Any] = {
 STAGES = ("init", "post")
 
 Built = list[tuple[str, nn.Module, nn.Module]]  # (name, old module, new module)
+Rows = list[dict[str, Any]]  # report rows (lrk.decomp.report.DecompReport)
 
 
 def register_method(name: str):
@@ -151,9 +152,7 @@ class DecompMethod:
         """Every replacement, built before any is swapped in: (name, old module, new module)."""
         return [(name, old, self.build_module(name, old, context)) for name, old in targets]
 
-    def finish(
-        self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+    def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         """Report rows after the swap (:class:`~lrk.decomp.report.DecompReport` documents the keys)."""
         raise NotImplementedError
 

@@ -23,7 +23,7 @@ from lrk.decomp.attention.base import (
     run_batches,
     token_count,
 )
-from lrk.decomp.base import register_method
+from lrk.decomp.base import Built, Rows, register_method
 from lrk.decomp.rank.policy import RankPolicy
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.attn_svd import (
@@ -155,13 +155,7 @@ class AttnSVDMethod(AttentionSwapMethod):
     def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> SVDOutputAttention:
         return SVDOutputAttention.from_attention(module, **self.settings, layer_name=name)
 
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
+    def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         """One row per swapped module, measured on the calibration batches run through the swapped model:
         mean rank and retained energy per image, rel_error = ||O - O_r||_F / ||O||_F of the module's own output
         (O its untruncated output on its inputs there), truncation seconds. The statistics then start from zero;

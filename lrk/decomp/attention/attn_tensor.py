@@ -21,7 +21,7 @@ from lrk.decomp.attention.base import (
     output_errors,
     token_count,
 )
-from lrk.decomp.base import register_method
+from lrk.decomp.base import Built, Rows, register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.attn_tensor import (
     DECOMPOSITIONS,
@@ -223,13 +223,7 @@ class AttnTensorMethod(AttentionSwapMethod):
     def build_module(self, name: str, module: AttentionBase, context: dict[str, Any]) -> TensorAttention:
         return TensorAttention.from_attention(module, **self.settings, layer_name=name)
 
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
+    def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         """One row per swapped module, measured on the calibration batches run through the swapped model: each
         module's output against the dense module's output on the same input (``rel_error``), and the ranks,
         retained energy and decomposition seconds of those forwards. The statistics then restart from zero."""

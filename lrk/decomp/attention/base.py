@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lrk.checks import is_int
-from lrk.decomp.base import DecompMethod
+from lrk.decomp.base import Built, DecompMethod, Rows
 from lrk.decomp.targets import TargetSelector
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention
@@ -242,13 +242,7 @@ class AttentionSwapMethod(DecompMethod):
             )
 
     # --- hooks -----------------------------------------------------------------------------------------
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
+    def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         """Report rows after the swap (``built``: name, old module, new module). Default: one row per module
         with the parameter counts and the build seconds of the context (``context['seconds'][name]``)."""
         seconds = context.get("seconds", {})

@@ -21,7 +21,7 @@ from lrk.decomp.attention.base import (
     AttentionSwapMethod,
     output_errors,
 )
-from lrk.decomp.base import register_method
+from lrk.decomp.base import Built, Rows, register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.cholesky import (
     DEFAULT_EPS,
@@ -117,13 +117,7 @@ class CholeskyMethod(AttentionSwapMethod):
         context["seconds"][name] = time.perf_counter() - start
         return new
 
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
+    def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         """One row per swapped module: output error on the calibration batches (``rel_error``; the weight error
         ``qk_rel_error`` stands in, with kind ``cholesky_qk``, when there is no calibration batch)."""
         errors = output_errors(model, {name: old for name, old, _ in built}, batches)

@@ -24,7 +24,7 @@ from lrk.decomp.attention.base import (
     collect_attention_inputs,
     output_errors,
 )
-from lrk.decomp.base import register_method
+from lrk.decomp.base import Built, Rows, register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention, split_heads
 from lrk.layers.attention.pca import (
@@ -264,13 +264,7 @@ class PCAMethod(AttentionSwapMethod):
         new.stats.fit_seconds = context["seconds"][name]
         return new
 
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
+    def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         """One row per swapped module: r, the measured output error and retained energy, the fitting time."""
         rows = []
         for name, old, new in built:

@@ -27,7 +27,7 @@ from lrk.decomp.attention.base import (
     run_batches,
     token_count,
 )
-from lrk.decomp.base import register_method
+from lrk.decomp.base import Built, Rows, register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase
 from lrk.layers.attention.sdrm import (
@@ -335,13 +335,7 @@ class SDRMMethod(AttentionSwapMethod):
         """:func:`sdrm_metrics`: the t-SVDs inside the fit's forwards (``time/rr_s``, ranks, energy, CR)."""
         return sdrm_metrics(model)
 
-    def finish(
-        self,
-        model: nn.Module,
-        built: list[tuple[str, AttentionBase, AttentionBase]],
-        batches: list[Any],
-        context: dict[str, Any],
-    ) -> list[dict[str, Any]]:
+    def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         """One row per swapped module: what the rank rule did on the calibration batches (their t-SVDs with the
         configured solver and chunks, or the calibrated basis). The run statistics then start from zero; the
         calibration time stays in ``stats.fit_seconds`` (part of ``time/rr_s``)."""

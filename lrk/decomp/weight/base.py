@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lrk.checks import is_int
-from lrk.decomp.base import Built, DecompMethod
+from lrk.decomp.base import Built, DecompMethod, Rows
 from lrk.decomp.freeze import freeze_layer, parse_freeze
 from lrk.decomp.merge import check_mergeable, merge_model, merged_rows
 from lrk.decomp.rank.latency import EMPTY_FIELDS, RANK_SEARCH_KEYS, RankSearch
@@ -248,15 +248,13 @@ class WeightMethod(DecompMethod):
             "note": note,
         }
 
-    def finish(
-        self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+    def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         rows = [context["rows"][name] for name, _, _ in built]
         return self.merge_and_freeze(model, built, batches, rows)
 
     def merge_and_freeze(
         self, model: nn.Module, built: Built, batches: list[Any], rows: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> Rows:
         """``merge: true``: :func:`lrk.decomp.merge.merge_model` (the merged units' rows replace their layers'
         rows); then ``freeze``: the factors of the named roles of every decomposed layer still in the model get
         ``requires_grad=False`` (rows gain ``frozen`` and ``frozen_params``), lrk.decomp.freeze."""
