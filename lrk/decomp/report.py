@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lrk.measure import count_params
+
 ROW_KEYS = (
     "name",
     "kind",
@@ -28,6 +30,25 @@ def is_dense_row(row: dict[str, Any]) -> bool:
     """Whether a report row is a layer left dense: its ratio was unreachable (:data:`DENSE_KIND`), or the rank
     search found no decomposed rank faster than the dense layer (``dense (slower decomposed)``)."""
     return str(row.get("kind", "")).startswith("dense (")
+
+
+def dense_row(name: str, module: Any, kind: str, seconds: float, note: str) -> dict[str, Any]:
+    """The row of a layer a method left dense (``kind`` says why, ``note`` how): the keys of every row, rank null,
+    ``params_after == params_before`` (counted from the module), no error."""
+    params = count_params(module)
+    return {
+        "name": name,
+        "kind": kind,
+        "shape": list(module.weight.shape),
+        "rank": None,
+        "ranks": None,
+        "params_before": params,
+        "params_after": params,
+        "rel_error": 0.0,
+        "energy": 1.0,
+        "seconds": seconds,
+        "note": note,
+    }
 
 
 @dataclass

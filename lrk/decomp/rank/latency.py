@@ -77,13 +77,14 @@ from torch import nn
 
 from lrk.checks import is_int, is_number
 from lrk.decomp.rank.policy import RankPolicy, RankProblem, Ranks
+from lrk.decomp.report import dense_row
 from lrk.errors import LrkConfigError
 from lrk.layers.base import describe
 from lrk.layers.cp import CPConv2d, CPLinear
 from lrk.layers.svd import SVDConv2d, SVDLinear
 from lrk.layers.tt import TTConv1x1, TTLinear
 from lrk.layers.tucker import TuckerConv2d
-from lrk.measure import Stopwatch, alternating_latency, count_params, needs_sync
+from lrk.measure import Stopwatch, alternating_latency, needs_sync
 
 log = logging.getLogger(__name__)
 
@@ -459,21 +460,7 @@ class SearchResult:
     def dense_row(self, name: str, module: nn.Module, seconds: float) -> dict[str, Any]:
         """The report row of a layer kept dense because no candidate beat the dense time (kind
         :data:`SLOWER_KIND`, the keys of every row, rank null)."""
-        params = count_params(module)
-        return {
-            "name": name,
-            "kind": SLOWER_KIND,
-            "shape": list(module.weight.shape),
-            "rank": None,
-            "ranks": None,
-            "params_before": params,
-            "params_after": params,
-            "rel_error": 0.0,
-            "energy": 1.0,
-            "seconds": seconds,
-            "note": self.note,
-            **self.fields(),
-        }
+        return {**dense_row(name, module, SLOWER_KIND, seconds, self.note), **self.fields()}
 
 
 #: the search columns of a row whose layer was not searched (ratio unreachable): every row has the same keys

@@ -42,7 +42,7 @@ from lrk.decomp.rank.policy import (
     RankProblem,
     Ranks,
 )
-from lrk.decomp.report import DENSE_KIND
+from lrk.decomp.report import DENSE_KIND, dense_row
 from lrk.decomp.targets import WEIGHT_LAYERS, TargetSelector
 from lrk.errors import LrkConfigError
 from lrk.layers.base import FactorizedLayer
@@ -233,20 +233,7 @@ class WeightMethod(DecompMethod):
         message = f"decomp={self.name}: layer '{name}' ({problem.description}) left dense: {note}"
         log.warning(message)
         warnings.warn(message, RatioUnreachableWarning, stacklevel=2)
-        params = count_params(module)
-        return {
-            "name": name,
-            "kind": DENSE_KIND,
-            "shape": list(module.weight.shape),
-            "rank": None,
-            "ranks": None,
-            "params_before": params,
-            "params_after": params,
-            "rel_error": 0.0,
-            "energy": 1.0,
-            "seconds": seconds,
-            "note": note,
-        }
+        return dense_row(name, module, DENSE_KIND, seconds, note)
 
     def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         rows = [context["rows"][name] for name, _, _ in built]
