@@ -17,16 +17,13 @@ import torch
 from torch import nn
 
 from lrk.layers.base import (
-    FactorizedLayer,
-    _conv_flops,
     as_ranks,
     check_rank,
-    conv_like,
-    dense_conv_like,
     describe,
     expect_module,
 )
-from lrk.layers.svd import _copy_bias, fold_three
+from lrk.layers.svd import _copy_bias
+from lrk.layers.tucker import TuckerConv2d
 from lrk.linalg.tucker import (
     block_diagonal,
     branched_core_params,
@@ -36,7 +33,7 @@ from lrk.linalg.tucker import (
 )
 
 
-class BranchedTuckerConv2d(FactorizedLayer):
+class BranchedTuckerConv2d(TuckerConv2d):
     """``first`` 1x1 C -> r1 (``[U_1 ... U_N]^T``), ``core`` k x k r1 -> r2 with ``groups=N`` (branch j's core
     ``X_j`` maps input channels j R1 .. (j+1) R1 - 1 to output channels j R2 .. (j+1) R2 - 1; stride, padding,
     dilation of the dense conv), ``last`` 1x1 r2 -> S (``[V_1 ... V_N]``, with the dense bias).
@@ -64,15 +61,9 @@ class BranchedTuckerConv2d(FactorizedLayer):
     """
 
     def __init__(self, conv: nn.Conv2d, ranks: tuple[int, int], branches: int) -> None:
-        super().__init__()
-        r_out, r_in = ranks
-        check_branches((r_out, r_in), branches, type(self).__name__)
-        self.ranks = (r_out, r_in)
+        check_branches(tuple(ranks), branches, type(self).__name__)
+        super().__init__(conv, ranks, groups=branches)
         self.branches = branches
-        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-        self.first = nn.Conv2d(conv.in_channels, r_in, 1, bias=False, **factory)
-        self.core = conv_like(conv, r_in, r_out, groups=branches)
-        self.last = nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None, **factory)
 
     @classmethod
     def from_conv(
@@ -133,42 +124,9 @@ class BranchedTuckerConv2d(FactorizedLayer):
         """Closed form of the core, Eqs. 18-19: N (r1 / N)(r2 / N) k = r1 r2 k / N (Eq. 20)."""
         return branched_core_params(ranks, kernel, branches)
 
-    def flops(self, input_shape: Sequence[int]) -> int:
-        """2 B (H W C r1 + H' W' r1 r2 kh kw / N + H' W' r2 S) for input H x W, output H' x W'."""
-        total, shape = 0, tuple(input_shape)
-        for conv in (self.first, self.core, self.last):
-            flops, shape = _conv_flops(conv, shape)
-            total += flops
-        return total
-
     def full_core(self) -> torch.Tensor:
         """The core as the (r2, r1, kh, kw) block-diagonal kernel of a vanilla Tucker layer (Fig. 4)."""
         return block_diagonal(self.core.weight, self.branches)
-
-    def dense_weight(self) -> torch.Tensor:
-        u_in = self.first.weight[:, :, 0, 0]  # (r1, C)
-        u_out = self.last.weight[:, :, 0, 0]  # (S, r2)
-        return torch.einsum("sa,abhw,bc->schw", u_out, self.full_core(), u_in)
-
-    def dense_bias(self) -> torch.Tensor | None:
-        return self.last.bias
-
-    def factors(self) -> dict[str, nn.Parameter]:
-        return {"first": self.first.weight, "core": self.core.weight, "last": self.last.weight}
-
-    def dense_module(self) -> nn.Conv2d:
-        return dense_conv_like(self.core, self.dense_weight(), self.dense_bias())
-
-    def fold(self, keep: str | None = None) -> nn.Module:
-        """Merge layers (class docstring): ``keep=None`` dense; ``"last"`` an SVDConv2d; ``"first"`` 1x1 + k x k."""
-        with torch.no_grad():
-            full = self.full_core()
-        return fold_three(
-            self, self.first.weight[:, :, 0, 0], full, self.last.weight[:, :, 0, 0], self.core, keep
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
 
     def extra_repr(self) -> str:
         return f"ranks={tuple(self.ranks)}, branches={self.branches}"

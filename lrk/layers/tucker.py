@@ -37,13 +37,13 @@ class TuckerConv2d(FactorizedLayer):
     - ``keep=None`` (default): all three, the dense ``nn.Conv2d`` (Eq. 4).
     """
 
-    def __init__(self, conv: nn.Conv2d, ranks: tuple[int, int]) -> None:
+    def __init__(self, conv: nn.Conv2d, ranks: tuple[int, int], groups: int = 1) -> None:
         super().__init__()
         r_out, r_in = ranks
         self.ranks = (r_out, r_in)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         self.first = nn.Conv2d(conv.in_channels, r_in, 1, bias=False, **factory)
-        self.core = conv_like(conv, r_in, r_out)
+        self.core = conv_like(conv, r_in, r_out, groups=groups)
         self.last = nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None, **factory)
 
     @classmethod
@@ -87,10 +87,14 @@ class TuckerConv2d(FactorizedLayer):
             total += flops
         return total
 
+    def full_core(self) -> torch.Tensor:
+        """The (R2, R1, kh, kw) core kernel (a subclass with a grouped core returns it block-diagonal)."""
+        return self.core.weight
+
     def dense_weight(self) -> torch.Tensor:
         u_in = self.first.weight[:, :, 0, 0]  # (R1, C)
         u_out = self.last.weight[:, :, 0, 0]  # (S, R2)
-        return torch.einsum("sa,abhw,bc->schw", u_out, self.core.weight, u_in)
+        return torch.einsum("sa,abhw,bc->schw", u_out, self.full_core(), u_in)
 
     def dense_bias(self) -> torch.Tensor | None:
         return self.last.bias
@@ -103,13 +107,10 @@ class TuckerConv2d(FactorizedLayer):
 
     def fold(self, keep: str | None = None) -> nn.Module:
         """Merge layers (class docstring): ``keep=None`` dense; ``"last"`` an SVDConv2d; ``"first"`` 1x1 + k x k."""
+        with torch.no_grad():
+            core = self.full_core()
         return fold_three(
-            self,
-            self.first.weight[:, :, 0, 0],
-            self.core.weight,
-            self.last.weight[:, :, 0, 0],
-            self.core,
-            keep,
+            self, self.first.weight[:, :, 0, 0], core, self.last.weight[:, :, 0, 0], self.core, keep
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
