@@ -24,6 +24,7 @@ SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"
 
 #: measured seconds of ``python benchmarks/<name>.py --quick`` (2 shared cores)
 QUICK_SECONDS = {
+    "accelerating_lrd": 16,
     "attention_variants": 11,
     "branched_tucker": 19,
     "callback_overhead": 8,
