@@ -1,4 +1,5 @@
-"""Config helpers shared by the entry points: resolvers, checks of top-level keys, checkpoint lookup."""
+"""Config helpers shared by the entry points: resolvers and checks of top-level keys (checkpoint lookup is in
+:mod:`lrk.pipeline.checkpoints`)."""
 
 from __future__ import annotations
 
