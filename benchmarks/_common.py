@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,30 @@ def infer(module: torch.nn.Module, x: torch.Tensor) -> None:
     """One inference forward without gradients."""
     with torch.no_grad():
         module(x)
+
+
+def classifier_step(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+) -> Callable[[], None]:
+    """A closure running one training step of a classifier: zero the grads, cross-entropy of ``model(x)`` against
+    ``y``, backward, ``optimizer.step()`` (the step a candidate of ``lrk.measure.alternating_latency`` times)."""
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def inference_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A closure running one inference forward of ``model`` on ``x`` under ``torch.inference_mode()``."""
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    return run
 
 
 def load_average() -> float:

@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import classifier_step, inference_call
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -264,21 +265,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4
     )
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return step
-
-
-def infer(model: nn.Module, x: torch.Tensor):
-    def run() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    return run
+    return classifier_step(model, x, y, optimizer)
 
 
 def speedups(stats: dict, ref: str) -> dict[str, dict[str, float]]:
@@ -504,7 +491,7 @@ def main() -> None:
         xbcl = xb.contiguous(memory_format=torch.channels_last)
         console.print(f"  timing inference at batch {b} of {len(infer_models)} variants ...")
         infer_stats[b] = alternating_latency(
-            {k: infer(m, xbcl if k.endswith("+cl") else xb) for k, m in infer_models.items()},
+            {k: inference_call(m, xbcl if k.endswith("+cl") else xb) for k, m in infer_models.items()},
             small_repeats if b < 8 else repeats,
             warmup=warmup,
         )
@@ -544,7 +531,7 @@ def main() -> None:
         if best.endswith("+cl"):
             xb = xb.contiguous(memory_format=torch.channels_last)
         profile_text["infer"], profiles[f"{best} inference b{big}"] = profile_table(
-            infer(infer_models[best], xb)
+            inference_call(infer_models[best], xb)
         )
     if args.profile or not goal_freeze["met"]:
         train_models["freeze"].train()

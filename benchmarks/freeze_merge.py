@@ -40,6 +40,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import classifier_step, inference_call
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -78,22 +79,7 @@ def build_dense(quick: bool, image: int, classes: int) -> nn.Module:
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return step
-
-
-def infer(model: nn.Module, x: torch.Tensor):
-    def run() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    return run
+    return classifier_step(model, x, y, torch.optim.AdamW(params, lr=1e-4))
 
 
 def speedups(stats: dict, names: list[str], ref: str) -> dict[str, float]:
@@ -207,7 +193,7 @@ def main() -> None:
     for batch in infer_batches:
         xb = torch.randn(batch, 3, image, image, generator=g)
         infer_stats[batch] = alternating_latency(
-            {n: infer(m, xb) for n, m in infer_models.items()}, repeats, warmup=1
+            {n: inference_call(m, xb) for n, m in infer_models.items()}, repeats, warmup=1
         )
 
     results = {
