@@ -169,23 +169,29 @@ class WeightMethod(DecompMethod):
         search = self.rank_search.prepare(model, targets, batches, problems) if self.rank_search else None
         return {"selector": selector, "problems": problems, "rows": {}, "rank_search": search}
 
+    def policy_for(self, module: nn.Module) -> RankPolicy:
+        """The rank policy of one target (the method's; a method whose layers round ranks differently, such as
+        branched Tucker's multiples of N for k x k convs, returns its variant)."""
+        return self.policy
+
     def build_module(self, name: str, module: nn.Module, context: dict[str, Any]) -> nn.Module:
         """The factorized layer at the policy's ranks, or ``module`` itself (left dense, with a warning) when
         the requested ratio is unreachable, before or (counted from the built module) after building."""
         problem = context["problems"][name]
+        policy = self.policy_for(module)
         search, found = context.get("rank_search"), None  # decomp.rank_search=latency: Algorithm 1
         extra = EMPTY_FIELDS if search is not None else {}
         with torch.no_grad():
             start = time.perf_counter()
-            choice = self.policy.choose(problem, context["selector"])
+            choice = policy.choose(problem, context["selector"])
             if not choice.reachable:
                 problem.notes.pop("usv", None)
-                row = self.dense_row(name, module, choice, time.perf_counter() - start, problem)
+                row = self.dense_row(name, module, choice, time.perf_counter() - start, problem, policy)
                 context["rows"][name] = {**row, **extra}
                 return module
             ranks = choice.ranks
             if search is not None:
-                found = search.search(name, module, problem, choice.ranks, self.policy)
+                found = search.search(name, module, problem, choice.ranks, policy)
                 start += found.seconds  # the search has its own column, search_s
                 extra = found.fields()
                 if found.ranks is None:  # no decomposed candidate beat the dense layer
@@ -201,9 +207,9 @@ class WeightMethod(DecompMethod):
         row["note"] = "; ".join(n for n in (choice.note, found and found.note) if n) or None
         row.update(extra)
         built = row["params_after"] / row["params_before"]
-        if not (found.ratio_ok(self.policy, built) if found else self.policy.within(built)):
+        if not (found.ratio_ok(policy, built) if found else policy.within(built)):
             # the closed form and the module disagree: trust the module
-            row = self.dense_row(name, module, choice, seconds, problem, built=built)
+            row = self.dense_row(name, module, choice, seconds, problem, policy, built=built)
             context["rows"][name] = {**row, **extra}
             return module
         context["rows"][name] = row
@@ -216,17 +222,18 @@ class WeightMethod(DecompMethod):
         choice: RankChoice,
         seconds: float,
         problem: RankProblem,
+        policy: RankPolicy,
         built: float | None = None,
     ) -> dict[str, Any]:
         """The row of a layer left dense (kind ``dense (ratio unreachable)``), and its warning.
 
         ``built``: the fraction the built module had, when the closed form promised the target but the module
         missed it (``choice`` then holds the closed form's ranks)."""
-        low, high = self.policy.tolerance_range()
+        low, high = policy.tolerance_range()
         achieved = choice.achieved if built is None else built
         how = "best achievable" if built is None else "the built module has"
         note = (
-            f"ratio {self.policy.ratio:g} unreachable within ratio_tolerance={self.policy.ratio_tolerance:g} "
+            f"ratio {policy.ratio:g} unreachable within ratio_tolerance={policy.ratio_tolerance:g} "
             f"([{low:.3f}, {high:.3f}] of the layer): {how} {achieved:.4f} (ranks {list(choice.ranks)}); "
             "left dense"
         )

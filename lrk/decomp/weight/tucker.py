@@ -178,15 +178,11 @@ class TuckerMethod(SVDMethod):
             return tucker_problem(name, module, self.beta, self.branches)
         return super().problem(name, module)
 
-    def build_module(self, name: str, module: nn.Module, context: dict[str, Any]) -> nn.Module:
-        """:meth:`WeightMethod.build_module`, with the branched policy (ranks multiples of N) for k x k convs."""
+    def policy_for(self, module: nn.Module) -> RankPolicy:
+        """The branched policy (ranks multiples of N) for k x k convs when ``branches > 1``; else the method's."""
         if self.branches == 1 or not is_spatial(module):
-            return super().build_module(name, module, context)
-        shared, self.policy = self.policy, self.branch_policy
-        try:
-            return super().build_module(name, module, context)
-        finally:
-            self.policy = shared
+            return self.policy
+        return self.branch_policy
 
     def build_layer(
         self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem
