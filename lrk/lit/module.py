@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -39,6 +39,22 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: fl
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@runtime_checkable
+class LossTerm(Protocol):
+    """An extra term of the training loss, attached to :class:`LitClassifier` (``loss_terms``) instead of code
+    inside the training step: a regulariser (SVD training's orthogonality and sparsity) or a distillation loss.
+
+    ``name`` is logged as ``train/<name>``; the call returns the *weighted* term, a scalar added to the loss.
+    ``logits`` is the model's output on ``images`` (already computed: a term that needs more, e.g. the
+    distillation head, computes it itself from ``lit.model``)."""
+
+    name: str
+
+    def __call__(
+        self, lit: LitClassifier, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
 class LitClassifier(L.LightningModule):
     """Class-weighted cross-entropy, AdamW with warm-up + cosine schedule, torchmetrics at every split.
 
@@ -59,9 +75,10 @@ class LitClassifier(L.LightningModule):
         warmup_epochs: int = 1,
         min_lr: float = 1e-5,
         label_smoothing: float = 0.0,
+        loss_terms: Sequence[LossTerm] = (),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "class_weights"])
+        self.save_hyperparameters(ignore=["model", "class_weights", "loss_terms"])
         self.model = model
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
@@ -79,6 +96,8 @@ class LitClassifier(L.LightningModule):
         self.params_dense: int | None = None
         self.decomp_method: str | None = None
         self.decomp_layers: list[dict[str, Any]] = []
+        # plain list, not submodules: a term's modules (a teacher) stay out of this module's state_dict
+        self.loss_terms: list[LossTerm] = list(loss_terms)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -92,6 +111,10 @@ class LitClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self._loss(logits, labels)
+        for term in self.loss_terms:
+            value = term(self, images, labels, logits)
+            self.log(f"train/{term.name}", value.detach(), on_step=False, on_epoch=True)
+            loss = loss + value
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
