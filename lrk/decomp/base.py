@@ -35,6 +35,8 @@ METHODS: dict[str, type[DecompMethod]] = {}
 COMMON_KEYS: dict[str, Any] = {
     "name": None,
     "stage": "init",
+    # the order of compress / fit / test (lrk.pipeline.schedules.SCHEDULES; checked there, before training)
+    "schedule": "one_shot",
     "finetune_epochs": 0,
     "ckpt_path": None,
     "rank": None,
@@ -106,6 +108,10 @@ class DecompMethod:
         if stage not in STAGES:
             raise LrkConfigError(f"decomp.stage={stage!r} is invalid: it must be one of {list(STAGES)}")
         self.stage: str = stage
+        schedule = self.cfg["schedule"]
+        if not (isinstance(schedule, str) and schedule):
+            raise LrkConfigError(f"decomp.schedule={schedule!r} is invalid: it must be a schedule name")
+        self.schedule: str = schedule
         epochs = self.cfg["finetune_epochs"]
         if not (is_int(epochs) and epochs >= 0):
             raise LrkConfigError(f"decomp.finetune_epochs={epochs!r} is invalid: it must be an integer >= 0")

@@ -1,4 +1,7 @@
-"""Schedules: the order of the stages of a run, by ``decomp.stage`` (design.md "Stage").
+"""Schedules: the order of the stages of a run, chosen by ``decomp.schedule`` and ``decomp.stage``.
+
+``decomp.schedule: one_shot`` (the default) is one of the stage lists below, by ``decomp.stage``
+(design.md "Stage"):
 
 - ``init``: compress the freshly built model, then train the compressed model from that initialisation;
 - ``post``: train (or load ``decomp.ckpt_path``) the dense model, report its test metrics as ``dense/test/*``,
@@ -6,11 +9,15 @@
 - ``restored`` (chosen by ``train=false`` on a checkpoint that carries its structure): the model as it was saved,
   tested, with the report of the run that compressed it.
 
-A new schedule (e.g. multi-stage compression: ``compress, fit`` repeated) is a list of stages added here.
+Any other schedule (multi-stage compression, SVD training's prune-and-fine-tune, ...) is a function of the
+:class:`RunState` registered here with :func:`register_schedule` by the module that defines it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from lrk.errors import LrkConfigError
 from lrk.pipeline.stages import (
     RunState,
     Stage,
@@ -22,18 +29,51 @@ from lrk.pipeline.stages import (
     test,
 )
 
-SCHEDULES: dict[str, list[Stage]] = {
+#: the one-shot stage lists, by decomp.stage (and ``restored``)
+ONE_SHOT: dict[str, list[Stage]] = {
     "init": [compress, fit, test],
     "post": [dense_weights, evaluate_dense, compress, fit, test],
     "restored": [restored_report, fit, test],
 }
 
+Schedule = Callable[[RunState], None]
+#: decomp.schedule name -> the function that runs the whole schedule
+SCHEDULES: dict[str, Schedule] = {}
 
-def schedule_of(state: RunState) -> list[Stage]:
-    """The stages of this run, in order."""
-    return SCHEDULES["restored" if state.restored is not None else state.method.stage]
+
+def register_schedule(name: str) -> Callable[[Schedule], Schedule]:
+    """Function decorator: run ``decomp.schedule=<name>`` with the decorated function."""
+
+    def decorator(schedule: Schedule) -> Schedule:
+        if name in SCHEDULES and SCHEDULES[name] is not schedule:
+            raise ValueError(f"schedule {name!r} is already registered by {SCHEDULES[name].__qualname__}")
+        SCHEDULES[name] = schedule
+        return schedule
+
+    return decorator
+
+
+def run_stages(state: RunState, stages: list[Stage]) -> None:
+    for stage in stages:
+        stage(state)
+
+
+@register_schedule("one_shot")
+def one_shot(state: RunState) -> None:
+    """Compress once (``stage=init`` or ``post``), fit, test; a restored checkpoint: report, fit, test."""
+    run_stages(state, ONE_SHOT["restored" if state.restored is not None else state.method.stage])
+
+
+def schedule_of(state: RunState) -> Schedule:
+    """The schedule of this run (``decomp.schedule``; a restored checkpoint is always run one-shot: nothing is
+    compressed again). Raises :class:`LrkConfigError` for an unknown name, before anything trains."""
+    name = getattr(state.method, "schedule", "one_shot")
+    if state.restored is not None:
+        name = "one_shot"
+    if name not in SCHEDULES:
+        raise LrkConfigError(f"decomp.schedule={name!r} is invalid: it must be one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name]
 
 
 def run_schedule(state: RunState) -> None:
-    for stage in schedule_of(state):
-        stage(state)
+    schedule_of(state)(state)
