@@ -17,7 +17,7 @@ from lrk.train import run
 # every metric of design.md's table that applies to a dense run
 DENSE_METRICS = {
     "train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "val/bal_acc", "val/f1",
-    "test/acc", "test/bal_acc", "test/f1",
+    "test/acc", "test/bal_acc", "test/f1", "test/acc_majority",
     "model/params", "model/params_dense", "model/compression", "model/flops", "model/size_mb",
     "time/rr_s", "time/mha_s", "time/train_s", "time/val_s", "time/epoch_s",
     "time/infer_ms", "time/throughput_ips", "mem/peak_mb",
@@ -73,6 +73,8 @@ def test_dense_run_writes_every_metric_and_summary(tiny_cfg):
     # the confusion matrix counts every test image once
     confusion = summary["extra"]["test_confusion_matrix"]
     assert sum(map(sum, confusion)) == summary["extra"]["data"]["split_sizes"]["test"]
+    # the trivial baseline: the test split's most frequent class, counted from the confusion matrix's rows
+    assert metrics["test/acc_majority"] == pytest.approx(max(map(sum, confusion)) / sum(map(sum, confusion)))
     assert (run_dir / "confusion_matrix.csv").is_file()
     # the CSV logger holds the same names, one row per epoch for the validation metrics
     with (run_dir / "csv" / "metrics.csv").open() as handle:

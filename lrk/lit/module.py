@@ -59,7 +59,8 @@ class LitClassifier(L.LightningModule):
     """Class-weighted cross-entropy, AdamW with warm-up + cosine schedule, torchmetrics at every split.
 
     Logs ``train/loss train/acc val/loss val/acc val/acc_best val/bal_acc val/f1`` and at test
-    ``test/loss test/acc test/bal_acc test/f1 test/recall/<class>``; the test confusion matrix is kept
+    ``test/loss test/acc test/bal_acc test/f1 test/recall/<class>`` and ``test/acc_majority`` (the accuracy of
+    always predicting the test split's most frequent class: the trivial baseline); the test confusion matrix is kept
     in :attr:`test_confusion` (rows: true class, columns: predicted class).
     """
 
@@ -146,7 +147,11 @@ class LitClassifier(L.LightningModule):
         self.log_dict(self.test_metrics.compute())
         recalls = self.test_recall.compute()
         self.log_dict({f"test/recall/{name}": recalls[i] for i, name in enumerate(self.class_names)})
-        self.test_confusion = self.test_confmat.compute().cpu().tolist()
+        confusion = self.test_confmat.compute()
+        self.test_confusion = confusion.cpu().tolist()
+        # the trivial baseline: always predict the test split's most frequent class
+        counts = confusion.sum(dim=1).float()
+        self.log("test/acc_majority", counts.max() / counts.sum().clamp_min(1))
         for metric in (self.test_metrics, self.test_recall, self.test_confmat):
             metric.reset()
 
