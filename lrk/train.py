@@ -122,6 +122,7 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
         loggers=_instantiate_group(cfg, "logger"),
         callbacks=_instantiate_callbacks(cfg),
         restored=payload,
+        make_callbacks=lambda: _instantiate_callbacks(cfg),
     )
     run_schedule(state)
 

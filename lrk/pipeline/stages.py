@@ -75,6 +75,8 @@ class RunState:
     loggers: list[Logger]
     callbacks: list[Callback]
     restored: dict[str, Any] | None = None
+    #: fresh callbacks from the config, for every further fit of a schedule with several (:func:`fit_phase`)
+    make_callbacks: Callable[[], list[Callback]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     report: DecompReport | None = None
     trainer: L.Trainer | None = None
@@ -161,6 +163,47 @@ def test(state: RunState) -> None:
     state.metrics.update(scalars(trainer.callback_metrics))
     state.summary.extra["test_confusion_matrix"] = state.lit.test_confusion
     state.summary.extra["tested_checkpoint"] = str(ckpt) if ckpt else None
+
+
+def fit_phase(state: RunState, phase: str, max_epochs: int) -> dict[str, float]:
+    """One more fit of a schedule with several (multi-stage compression, SVD training's fine-tuning after
+    pruning): ``state.lit`` as it is now (a new optimizer for its current parameters) trained ``max_epochs`` by
+    a new Trainer with fresh callbacks (their checkpoints under ``checkpoints/<phase>/``). The run's loggers
+    continue: the new fit's steps start where the last fit's stopped. It becomes the main trainer, so
+    :func:`test` tests its best checkpoint. Returns the ``callback_metrics`` of its end (``{}`` when nothing
+    trains: ``train=false`` or ``max_epochs=0``)."""
+    if not state.cfg.train or max_epochs == 0:
+        return {}
+    steps_before = 0 if state.trainer is None else state.trainer.fit_loop.epoch_loop._batches_that_stepped
+    callbacks = state.make_callbacks() if state.make_callbacks is not None else []
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            callback.dirpath = str(Path(callback.dirpath) / phase)
+    trainer = make_trainer(
+        state.cfg,
+        state.run_dir,
+        state.loggers,
+        [*callbacks, _ContinueSteps(steps_before)],
+        max_epochs=max_epochs,
+    )
+    state.trainer = trainer
+    trainer.fit(state.lit, datamodule=state.datamodule)
+    state.fitted = True
+    values = scalars(trainer.callback_metrics)
+    state.metrics.update(values)
+    state.metrics.update(state.method.runtime_metrics(state.model))
+    return values
+
+
+class _ContinueSteps(Callback):
+    """Start a fit's logging step where the previous fit of the run stopped, so that CSV/W&B curves continue
+    across the fits of one schedule instead of restarting at step 0 (Lightning has no public knob for it)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop.epoch_loop._batches_that_stepped += self.offset
 
 
 def flatten(config: dict[str, Any], parent: str = "") -> dict[str, Any]:

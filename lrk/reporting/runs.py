@@ -1,0 +1,279 @@
+"""summary.json files -> runs with everything a report draws, grouped by dataset and by the config keys that vary.
+
+The runs, their groups and the mean +- std of a group are :mod:`lrk.results`'s (:class:`~lrk.results.Run`,
+:func:`~lrk.results.group_runs`, :class:`~lrk.results.Group`); this module adds what the figures need beyond the
+metrics (the per-layer report ``decomp_layers``, ``extra`` with the confusion matrix and class names, the sweep's
+``optuna`` record) and turns groups into the plain data each figure function takes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrk.errors import LrkConfigError
+from lrk.results import Group, Run, group_runs, load_runs
+from lrk.summary import SUMMARY_FILE
+
+#: config keys that differ between runs without making them a different variant (seeds, folders, loggers)
+IGNORED_KEYS = (
+    "seed", "*.seed", "optuna.*", "paths.*", "hydra.*", "logger.*", "callbacks.*", "task_name", "tags",
+    "trainer.default_root_dir", "*ckpt_path", "*checkpoint_path", "data.root", "*cache*", "*dir", "*dirpath",
+)  # fmt: skip
+
+#: the phases stacked in the phase-time figure (lrk.lit.callbacks.PhaseTimer; ``time/rr_s`` from the methods)
+PHASES = ("time/rr_s", "time/train_s", "time/val_s")
+#: attention time, measured inside the training and validation steps (so inside ``time/train_s + time/val_s``)
+ATTENTION_PHASE = "time/mha_s"
+MAJORITY = "test/acc_majority"
+
+
+@dataclass
+class ReportRun(Run):
+    """A :class:`lrk.results.Run` plus the parts of summary.json a report draws."""
+
+    decomp_layers: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    optuna: dict[str, Any] | None = None
+
+    @property
+    def dataset(self) -> str:
+        """``data.name``, with ``data.source`` when it has one (``surface_defect (elpv)``)."""
+        name, source = self.value("data.name"), self.value("data.source")
+        return f"{name} ({source})" if source else str(name)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = (self.extra.get("data") or {}).get("class_names")
+        if names:
+            return [str(n) for n in names]
+        return [k.removeprefix("test/recall/") for k in self.metrics if k.startswith("test/recall/")]
+
+
+def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
+    """Every summary.json below ``paths`` (run, multirun or sweep folders, or the files), each path checked."""
+    if not paths:
+        raise LrkConfigError("no folder given: give run folders, a multirun folder or a sweep folder")
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file() and path.name == SUMMARY_FILE:
+            found = [path]
+        elif path.is_dir():
+            found = sorted(path.rglob(SUMMARY_FILE))
+        elif path.exists():
+            raise LrkConfigError(f"{path} is not a folder nor a {SUMMARY_FILE}: give run, multirun or sweep folders")
+        else:
+            raise LrkConfigError(f"{path} does not exist: give run, multirun or sweep folders")
+        if not found:
+            raise LrkConfigError(
+                f"{path} holds no {SUMMARY_FILE}: give run folders (each with a {SUMMARY_FILE}), "
+                "a multirun folder or a sweep folder"
+            )
+        files.extend(f for f in found if f not in files)
+    return files
+
+
+def load_report_runs(files: Iterable[Path]) -> tuple[list[ReportRun], list[str]]:
+    """The runs of ``files``, and one line per file that could not be read (listed in the report, not drawn)."""
+    runs, unreadable = [], []
+    for file in files:
+        try:
+            (run,) = load_runs([file])
+            data = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            unreadable.append(f"{file.parent}: {SUMMARY_FILE} unreadable ({exc})")
+            continue
+        runs.append(
+            ReportRun(
+                path=run.path,
+                status=run.status,
+                metrics=run.metrics,
+                config=run.config,
+                error=run.error,
+                decomp_layers=[r for r in data.get("decomp_layers") or [] if isinstance(r, dict)],
+                extra=data.get("extra") or {},
+                optuna=data.get("optuna"),
+            )
+        )
+    return runs, unreadable
+
+
+def by_dataset(runs: Sequence[ReportRun]) -> dict[str, list[ReportRun]]:
+    """Runs by dataset, in the order each dataset first appears."""
+    out: dict[str, list[ReportRun]] = {}
+    for run in runs:
+        out.setdefault(run.dataset, []).append(run)
+    return out
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become their text."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value) if isinstance(value, list) else value
+    return out
+
+
+def varying_keys(runs: Sequence[Run], ignored: Sequence[str] = IGNORED_KEYS) -> list[str]:
+    """The config keys whose values differ between runs (seeds, folders and loggers left out), sorted;
+    ``["decomp.name"]`` when none differs."""
+    flat = [flatten(r.config) for r in runs]
+    keys = sorted({k for f in flat for k in f})
+    varying = [
+        k
+        for k in keys
+        if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignored)
+        and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1
+    ]
+    return varying or ["decomp.name"]
+
+
+def group_label(group: Group, by: Sequence[str]) -> str:
+    """``svd, ratio=0.3``: the group's values, each but ``decomp.name`` with the last part of its key."""
+    parts = [v if k == "decomp.name" else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(by, group.key, strict=True)]
+    return ", ".join(parts)
+
+
+def groups_of(runs: Sequence[ReportRun], by: Sequence[str] | None = None) -> tuple[list[Group], dict[tuple, str]]:
+    """lrk.results groups over ``by`` (default :func:`varying_keys`) and a readable name for each."""
+    keys = list(by) if by else varying_keys(runs)
+    groups = group_runs(runs, keys)
+    return groups, {g.key: group_label(g, keys) for g in groups}
+
+
+def majority_group(groups: Sequence[Group]) -> Group | None:
+    """A pseudo-group whose ``test/acc`` is the runs' ``test/acc_majority`` (always predicting the test split's
+    majority class): the trivial row of the results table. None when no run logged it."""
+    runs = [r for g in groups for r in g.completed if isinstance(r.metrics.get(MAJORITY), (int, float))]
+    if not runs:
+        return None
+    return Group(
+        ("majority class",),
+        [Run(r.path, "completed", {"test/acc": float(r.metrics[MAJORITY])}, {}) for r in runs],
+    )
+
+
+@dataclass(frozen=True)
+class Point:
+    """One variant in a trade-off figure: mean and sample std over its completed runs (seeds)."""
+
+    label: str
+    x: float
+    y: float
+    x_err: float = 0.0
+    y_err: float = 0.0
+    n: int = 1
+
+
+def tradeoff_points(groups: Sequence[Group], names: Mapping[tuple, str], x: str, y: str) -> list[Point]:
+    """A point per group whose completed runs logged both metrics (runs lacking either are left out)."""
+    points = []
+    for group in groups:
+        pairs = [
+            (float(r.metrics[x]), float(r.metrics[y]))
+            for r in group.completed
+            if _finite(r.metrics.get(x)) and _finite(r.metrics.get(y))
+        ]
+        if not pairs:
+            continue
+        xs, ys = zip(*pairs, strict=True)
+        points.append(
+            Point(names[group.key], statistics.fmean(xs), statistics.fmean(ys), _std(xs), _std(ys), len(pairs))
+        )
+    return points
+
+
+def rank_table(groups: Sequence[Group], names: Mapping[tuple, str]) -> dict[str, dict[str, float]]:
+    """Group name -> layer -> mean rank over its completed runs (from ``decomp_layers``); groups without a
+    per-layer report (the dense baseline) are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for group in groups:
+        ranks: dict[str, list[float]] = {}
+        for run in group.completed:
+            for row in getattr(run, "decomp_layers", []):
+                if _finite(row.get("rank")) and row.get("name"):
+                    ranks.setdefault(str(row["name"]), []).append(float(row["rank"]))
+        if ranks:
+            out[names[group.key]] = {layer: statistics.fmean(v) for layer, v in ranks.items()}
+    return out
+
+
+def phase_times(groups: Sequence[Group], names: Mapping[tuple, str]) -> dict[str, dict[str, float]]:
+    """Group name -> phase metric -> mean seconds (``PHASES`` and ``time/mha_s``; a missing phase is 0)."""
+    out = {}
+    for group in groups:
+        if not group.completed:
+            continue
+        means = {m: group.mean(m) for m in (*PHASES, ATTENTION_PHASE)}
+        if any(v for v in means.values()):
+            out[names[group.key]] = {m: float(v or 0.0) for m, v in means.items()}
+    return out
+
+
+def recalls(groups: Sequence[Group], names: Mapping[tuple, str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Group name -> class -> (mean, std) of ``test/recall/<class>`` over its completed runs."""
+    out = {}
+    for group in groups:
+        classes = _class_order(group)
+        cells = {}
+        for name in classes:
+            mean = group.mean(f"test/recall/{name}")
+            if mean is not None:
+                cells[name] = (mean, group.std(f"test/recall/{name}") or 0.0)
+        if cells:
+            out[names[group.key]] = cells
+    return out
+
+
+def confusions(groups: Sequence[Group], names: Mapping[tuple, str]) -> tuple[dict[str, list[list[int]]], list[str]]:
+    """Group name -> the test confusion matrix summed over its completed runs (rows: true class), and the class
+    names of the first run that has them. Runs whose matrix has another shape than the group's first are left out."""
+    out: dict[str, list[list[int]]] = {}
+    classes: list[str] = []
+    for group in groups:
+        total: list[list[int]] | None = None
+        for run in group.completed:
+            matrix = (getattr(run, "extra", None) or {}).get("test_confusion_matrix")
+            if not matrix:
+                continue
+            if total is None:
+                total = [[int(v) for v in row] for row in matrix]
+                classes = classes or getattr(run, "class_names", [])
+            elif len(matrix) == len(total):
+                total = [[a + int(b) for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(total, matrix, strict=True)]
+        if total is not None:
+            out[names[group.key]] = total
+    return out, classes
+
+
+def failed_runs(runs: Sequence[Run]) -> list[str]:
+    """One line per run that did not complete: folder, status, error (listed in the report, never drawn)."""
+    return [f"{r.path}: {r.status}: {r.error}" for r in runs if r.status != "completed"]
+
+
+def _class_order(group: Group) -> list[str]:
+    names: list[str] = []
+    for run in group.completed:
+        for name in getattr(run, "class_names", []):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
