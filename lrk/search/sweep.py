@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from lrk.errors import LrkConfigError
 from lrk.search import context
 from lrk.search.algorithms import make_pruner, make_sampler
+from lrk.search.launchers import check_launcher
 from lrk.search.results import SURPLUS_ATTR, count_trials, occupied_before, write_results
 from lrk.search.space import parse_search_space
 from lrk.search.storage import Liveness, open_storage, redact
@@ -283,6 +284,7 @@ class OptunaSweep:
         self.shown_storage = redact(self.storage_url)
         self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
         self.check_space()
+        check_launcher(self.launcher, s.n_jobs)
 
         self.storage = open_storage(
             self.storage_url,
