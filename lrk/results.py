@@ -37,6 +37,7 @@ class Run:
     metrics: dict[str, float]
     config: dict[str, Any]
     error: str | None = None
+    num_classes: int | None = None
 
     def value(self, dotted: str) -> Any:
         """The config value at a dotted path (``decomp.name``); ``None`` when a part is missing."""
@@ -98,6 +99,8 @@ def load_runs(roots: Iterable[str | Path]) -> list[Run]:
                 metrics={k: v for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))},
                 config=data.get("config") or {},
                 error=data.get("error"),
+                num_classes=len(((data.get("extra") or {}).get("data") or {}).get("class_names") or [])
+                or None,
             )
         )
     return runs
@@ -110,6 +113,25 @@ def group_runs(runs: Sequence[Run], by: Sequence[str]) -> list[Group]:
         key = tuple(str(run.value(k)) for k in by)
         groups.setdefault(key, Group(key)).runs.append(run)
     return list(groups.values())
+
+
+MAJORITY_ROW = "majority class"
+
+
+def majority_baseline(runs: Sequence[Run]) -> dict[str, float]:
+    """The metrics of always predicting the test split's most frequent class, from the completed runs'
+    ``test/acc_majority`` (its share p of the test split) and their number of classes K: accuracy p, balanced
+    accuracy 1/K (recall 1 on one class, 0 on the others), macro F1 (2p / (1 + p)) / K. ``{}`` without them."""
+    shares = [
+        r.metrics["test/acc_majority"]
+        for r in runs
+        if r.status == "completed" and "test/acc_majority" in r.metrics
+    ]
+    classes = {r.num_classes for r in runs if r.status == "completed" and r.num_classes}
+    if not shares or len(classes) != 1:
+        return {}
+    share, k = statistics.fmean(shares), classes.pop()
+    return {"test/acc": share, "test/bal_acc": 1.0 / k, "test/f1": 2 * share / (1 + share) / k}
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -130,9 +152,11 @@ def markdown_table(
     baseline: tuple[str, ...] | None = None,
     names: dict[tuple[str, ...], str] | None = None,
     by: Sequence[str] = (),
+    majority: bool = True,
 ) -> str:
     """A Markdown table: one row per group (the baseline first), ``mean +- std`` per metric and ``(x ratio)`` to
-    the baseline."""
+    the baseline; last, when the runs logged ``test/acc_majority`` and ``majority``, the majority-class row
+    (:func:`majority_baseline`; its other cells ``-``)."""
     names = names or {}
     base = next((g for g in groups if g.key == baseline), None) if baseline is not None else None
     if baseline is not None and base is None:
@@ -153,6 +177,10 @@ def markdown_table(
             if mean is not None and base_mean and group is not base:
                 cell += f" (×{mean / base_mean:.2f})"
             cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    trivial = majority_baseline([run for group in groups for run in group.runs]) if majority else {}
+    if trivial:
+        cells = [MAJORITY_ROW, "-", *(_fmt(trivial.get(m), _digits(m)) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

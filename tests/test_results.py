@@ -58,3 +58,25 @@ def test_cli_lists_runs_that_did_not_complete(runs_dir, capsys):
     assert "not completed: sdrm" in out and "failed: boom" in out
     with pytest.raises(FileNotFoundError, match="neither"):
         load_runs([runs_dir / "missing"])
+
+
+def test_majority_row_from_the_runs_test_split_share(tmp_path):
+    """Test split of 70 good / 30 defective: always 'good' has accuracy 0.7, balanced accuracy 1/2 and macro F1
+    (F1 of 'good': precision 0.7, recall 1 -> 2 * 0.7 / 1.7; of 'defective': 0) / 2."""
+    import numpy as np
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    for seed in range(2):
+        _write(tmp_path, f"run{seed}", "none", seed, {"test/acc": 0.8, "test/acc_majority": 0.7})
+        summary = json.loads((tmp_path / f"run{seed}" / "summary.json").read_text())
+        summary["extra"] = {"data": {"class_names": ["good", "defective"]}}
+        (tmp_path / f"run{seed}" / "summary.json").write_text(json.dumps(summary))
+    labels, constant = np.array([0] * 70 + [1] * 30), np.zeros(100, dtype=int)
+    table = markdown_table(
+        group_runs(load_runs([tmp_path]), ["decomp.name"]), ["test/acc", "test/bal_acc", "test/f1"]
+    )
+    last = table.splitlines()[-1]
+    expected = [0.7, balanced_accuracy_score(labels, constant), f1_score(labels, constant, average="macro")]
+    assert last == "| majority class | - | " + " | ".join(f"{v:.3f}" for v in expected) + " |"
+    plain = markdown_table(group_runs(load_runs([tmp_path]), ["decomp.name"]), ["test/acc"], majority=False)
+    assert "majority" not in plain
