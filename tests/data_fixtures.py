@@ -69,3 +69,13 @@ def make_defect_tree(root: Path, n_good: int = 12, n_scratch: int = 6, n_dent: i
             write_image(sub / f"{cls}{i}.png", modes[i % 4], value=value, seed=100 + i)
             write_image(sub / f"{cls}{i}_mask.png", "L", value=255, seed=i)
     return root
+
+
+def write_flat(path: Path, value: int, size: tuple[int, int] = (10, 8), mode: str = "L") -> Path:
+    """An image of one constant grey ``value`` (it survives resizing: tests tell images apart by it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    arr = np.full((h, w), value, dtype=np.uint8)
+    img = Image.fromarray(arr, mode="L") if mode == "L" else Image.fromarray(np.stack([arr] * 3, -1), "RGB")
+    img.save(path)
+    return path

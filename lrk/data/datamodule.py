@@ -24,7 +24,6 @@ from lrk.data.datasets import FileImageDataset, TensorImageDataset
 from lrk.data.images import check_files, decode_files, report_bad
 from lrk.data.options import Options, to_plain_dict
 from lrk.data.splits import (
-    RunningStats,
     channel_stats,
     class_counts,
     class_weights,
@@ -249,13 +248,17 @@ class Index:
     images: torch.Tensor | None = None  # uint8 [N, C, H, W] at image_size
     paths: list[Path] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    # official splits: int [N], 0 train, 1 val, 2 test (null: one pool, split at random, stratified)
+    split_of: np.ndarray | None = None
 
 
 IN_MEMORY_DEFAULTS: dict[str, Any] = {
     **COMMON_DEFAULTS,
     "test_fraction": 0.15,  # stratified share held out for the final test
     "channels": 1,  # 1: grey, 3: RGB (grey inputs are replicated)
-    "cache": True,  # decode + resize once into memory (false: decode files on every access)
+    "cache": True,  # decode + resize once into memory when it fits the two limits below (false: always lazy)
+    "cache_max_images": 20000,  # more images than this: decoded lazily in the loaders' workers
+    "cache_max_mb": 2048,  # cache estimate N x C x S^2 x 4 bytes above this: decoded lazily
     "max_bad_fraction": 0.05,  # unreadable files are skipped, up to this share of all files
     "decode_workers": None,  # decoding threads (null: up to 8)
 }
@@ -279,6 +282,8 @@ class InMemoryDataModule(LrkDataModule):
         if self.channels not in (1, 3):
             raise LrkConfigError(f"data.channels={self.channels} is invalid: valid values: 1 (grey), 3 (RGB)")
         self.cache = bool(opts.flag("cache"))
+        self.cache_max_images: int = opts.req_integer("cache_max_images", minimum=0)
+        self.cache_max_mb = opts.number("cache_max_mb", low=0.0)
         self.max_bad_fraction = opts.number("max_bad_fraction", low=0.0, high=1.0)
         self.decode_workers = opts.integer("decode_workers", minimum=1, optional=True)
 
@@ -290,17 +295,41 @@ class InMemoryDataModule(LrkDataModule):
     def _index(self) -> Index:
         """Labels and images (or files) of the whole pool."""
 
+    def cache_estimate_mb(self, n: int) -> float:
+        """Memory of caching ``n`` images, ``n x C x S^2 x 4`` bytes in MiB: the uint8 cache, its per-split
+        copies and the decode buffer, about 4 bytes a pixel at the peak."""
+        return n * self.channels * self.image_size**2 * 4 / 2**20
+
+    def use_cache(self, n: int) -> bool:
+        """Cache ``n`` images in memory, or decode them lazily (``cache: false``, more than
+        ``cache_max_images``, or an estimate over ``cache_max_mb``)."""
+        return self.cache and n <= self.cache_max_images and self.cache_estimate_mb(n) <= self.cache_max_mb
+
     def _prepare(self) -> Prepared:
         ix = self._index()
         labels = np.asarray(ix.labels, dtype=np.int64)
+        split_of = None if ix.split_of is None else np.asarray(ix.split_of, dtype=np.int64)
         stats: dict[str, Any] = dict(ix.stats)
-        sel = stratified_subsample(labels, self.limit, self.seed) if self.limit else np.arange(len(labels))
+        if self.limit:
+            try:  # official splits: stratified by split and class, so each split keeps its share
+                key = labels if split_of is None else labels * 3 + split_of
+                sel = stratified_subsample(key, self.limit, self.seed)
+            except LrkConfigError:
+                if split_of is None:
+                    raise
+                sel = stratified_subsample(labels, self.limit, self.seed)
+        else:
+            sel = np.arange(len(labels))
         labels = labels[sel]
+        split_of = None if split_of is None else split_of[sel]
         images = paths = None
         stats["skipped_images"] = 0
         if ix.paths is not None:
             paths = [ix.paths[i] for i in sel]
-            if self.cache:
+            cached = self.use_cache(len(paths))
+            stats["cached"] = cached
+            stats["cache_estimate_mb"] = round(self.cache_estimate_mb(len(paths)), 1)
+            if cached:
                 res = decode_files(
                     paths,
                     self.image_size,
@@ -312,10 +341,22 @@ class InMemoryDataModule(LrkDataModule):
                 stats["decode_s"] = 0.0 if res.from_memo else round(res.seconds, 3)
                 stats["decode_reused"] = res.from_memo
             else:
-                ok, bad = check_files(paths, workers=self.decode_workers)
+                if self.cache:
+                    log.info(
+                        "data %s: %d images (cache estimate %.0f MB) exceed data.cache_max_images=%d or "
+                        "data.cache_max_mb=%g: decoding lazily in the loaders (data.num_workers=%d)",
+                        self.name,
+                        len(paths),
+                        self.cache_estimate_mb(len(paths)),
+                        self.cache_max_images,
+                        self.cache_max_mb,
+                        self.num_workers,
+                    )
+                ok, bad = check_files(paths, workers=self.decode_workers, desc=f"checking {self.name} images")
             report_bad(bad, len(paths))
             self._check_bad(bad, len(paths))
             labels, paths = labels[ok], [p for p, keep in zip(paths, ok, strict=True) if keep]
+            split_of = None if split_of is None else split_of[ok]
             stats["skipped_images"] = len(bad)
             stats["skipped_files"] = [p for p, _ in bad[:20]]
         else:
@@ -324,13 +365,19 @@ class InMemoryDataModule(LrkDataModule):
             if images.shape[1] == 1 and self.channels == 3:
                 images = images.repeat(1, 3, 1, 1)
         stats["num_images"] = len(labels)
-        idx = stratified_split(
-            labels,
-            ix.class_names,
-            val_fraction=self.val_fraction,
-            test_fraction=self.test_fraction,
-            seed=self.seed,
-        )
+        if split_of is None:
+            idx = stratified_split(
+                labels,
+                ix.class_names,
+                val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction,
+                seed=self.seed,
+            )
+        else:
+            idx = self._official_splits(labels, split_of, ix.class_names)
+            stats["official_splits"] = sorted(
+                s for s, code in zip(SPLITS, range(3), strict=True) if (split_of == code).any()
+            )
         if images is not None:
             split_images = {s: images[torch.from_numpy(i)] for s, i in idx.items()}
             mean, std = (
@@ -371,6 +418,50 @@ class InMemoryDataModule(LrkDataModule):
             stats=stats,
         )
 
+    def _official_splits(
+        self, labels: np.ndarray, split_of: np.ndarray, class_names: list[str]
+    ) -> dict[str, np.ndarray]:
+        """Indices of the given splits (seeded shuffles); a missing val or test split is carved from train
+        (stratified, seeded: ``val_fraction`` / ``test_fraction`` of the train images)."""
+        given = {s: np.flatnonzero(split_of == code) for code, s in enumerate(SPLITS)}
+        train = given["train"]
+        missing = [s for s in ("val", "test") if len(given[s]) == 0]
+        if missing == ["val", "test"]:
+            sub = stratified_split(
+                labels[train],
+                class_names,
+                val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction,
+                seed=self.seed,
+            )
+            given = {s: train[sub[s]] for s in SPLITS}
+        elif missing:
+            split = missing[0]
+            frac = self.val_fraction if split == "val" else self.test_fraction
+            sub = stratified_split(
+                labels[train], class_names, val_fraction=frac, test_fraction=None, seed=self.seed
+            )
+            given["train"], given[split] = train[sub["train"]], train[sub["val"]]
+        else:
+            k = len(class_names)
+            absent = [class_names[c] for c in np.flatnonzero(class_counts(labels[train], k) == 0)]
+            if absent:
+                raise LrkConfigError(
+                    f"the train split has no image of class {', '.join(absent)}: add images of it"
+                )
+        rng = np.random.default_rng(self.seed)  # shuffled like the random split: calibration sees every class
+        given = {s: rng.permutation(i).astype(np.int64) for s, i in given.items()}
+        if missing:
+            log.info(
+                "data %s: no official %s split: carved from train (data.val_fraction=%s, data.test_fraction=%s "
+                "of the train images)",
+                self.name,
+                " and ".join(missing),
+                self.val_fraction,
+                self.test_fraction,
+            )
+        return given
+
     def _check_bad(self, bad: list[tuple[str, str]], total: int) -> None:
         if total and len(bad) / total > self.max_bad_fraction:
             path, reason = bad[0]
@@ -381,17 +472,20 @@ class InMemoryDataModule(LrkDataModule):
             )
 
     def _file_stats(self, paths: list[Path], train_idx: np.ndarray) -> tuple[list[float], list[float]]:
+        """Mean/std of at most ``norm_samples`` train images (a seeded pick), decoded exactly as the cache
+        would be, so with ``norm_samples >= n_train`` lazy and cached sets normalise identically."""
         rng = np.random.default_rng(self.seed)
         pick = rng.permutation(train_idx)[: self.norm_samples]
-        ds = FileImageDataset(
+        res = decode_files(
             [paths[i] for i in pick],
-            np.zeros(len(pick)),
             self.image_size,
             self.channels,
-            [0.0] * self.channels,
-            [1.0] * self.channels,
+            workers=self.decode_workers,
+            desc=f"measuring {self.name} mean/std",
+            memo=False,
         )
-        acc = RunningStats()
-        for i in range(len(ds)):
-            acc.add(ds.raw(i).float() / 255.0)
-        return acc.result()
+        if not res.ok.all():
+            raise LrkConfigError(
+                f"image {res.bad[0][0]} became unreadable while measuring mean/std: {res.bad[0][1]}"
+            )
+        return channel_stats(res.images)

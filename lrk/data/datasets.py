@@ -69,7 +69,9 @@ class TensorImageDataset(_Normalised):
 
 
 class FileImageDataset(_Normalised):
-    """Image files decoded on access (``cache: false``), for collections too large to hold in memory."""
+    """Image files decoded on access (``cache: false`` or a collection too large to cache), in the DataLoader's
+    workers; the same decode, resize, normalisation and augmentation as :class:`TensorImageDataset`, so both
+    give the same batches for the same seed."""
 
     def __init__(
         self,
@@ -85,7 +87,8 @@ class FileImageDataset(_Normalised):
     ) -> None:
         super().__init__(mean, std, augment, rotate)
         assert len(paths) == len(labels)
-        self.paths = [str(p) for p in paths]
+        # one numpy string array, not a list of str objects: DataLoader workers read it without copy-on-write
+        self.paths = np.asarray([str(p) for p in paths], dtype=np.str_)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
         self.size, self.channels = size, channels
 
@@ -94,7 +97,7 @@ class FileImageDataset(_Normalised):
 
     def raw(self, i: int) -> torch.Tensor:
         """The decoded uint8 image ``[C, S, S]`` (no augmentation, no normalisation)."""
-        return torch.from_numpy(decode_file(self.paths[i], self.size, self.channels))
+        return torch.from_numpy(decode_file(str(self.paths[i]), self.size, self.channels))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._finish(self.raw(i)), self.labels[i]

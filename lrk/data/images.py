@@ -80,10 +80,59 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _progress(total: int, desc: str):  # tqdm bar on a terminal only, and only for long jobs
-    from tqdm.auto import tqdm
+class Progress:
+    """A progress bar for long file passes (``total >= min_total``): tqdm on a terminal; elsewhere (logs, CI, a
+    pipe) a log line at every quarter and at most every ``interval_s`` seconds, readable without carriage
+    returns."""
 
-    return tqdm(total=total, desc=desc, leave=False, disable=total < 500 or not sys.stderr.isatty())
+    def __init__(self, total: int, desc: str, *, min_total: int = 500, interval_s: float = 30.0) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.active = total >= min_total
+        self.tty = self.active and sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False)
+        self.interval_s = interval_s
+        self.start = self.last = time.perf_counter()
+        self.next_quarter = 1
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        if not self.active:
+            return
+        now = time.perf_counter()
+        quarter = self.done * 4 >= self.next_quarter * self.total
+        if quarter or now - self.last >= self.interval_s:
+            while self.next_quarter * self.total <= self.done * 4:
+                self.next_quarter += 1
+            self.last = now
+            log.info(
+                "%s: %d/%d (%.0f%%), %.1f s",
+                self.desc,
+                self.done,
+                self.total,
+                100 * self.done / self.total,
+                now - self.start,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _progress(total: int, desc: str) -> Progress:
+    return Progress(total, desc)
 
 
 def _try(func, path: Path, *args):  # (result, None) or (None, reason)
@@ -160,15 +209,19 @@ def decode_files(
 
 
 def check_files(
-    paths: Sequence[Path], *, workers: int | None = None
+    paths: Sequence[Path], *, workers: int | None = None, desc: str = "checking images"
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Integrity check of every file (for ``cache: false``): ``(ok mask, bad list)``."""
+    """Integrity check of every file (for lazily decoded sets): ``(ok mask, bad list)``."""
     ok = np.zeros(len(paths), dtype=bool)
     bad: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+    with (
+        ThreadPoolExecutor(max_workers=workers or default_workers()) as pool,
+        _progress(len(paths), desc) as bar,
+    ):
         for i, (_, reason) in enumerate(pool.map(lambda p: _try(check_file, p), paths)):
             if reason is None:
                 ok[i] = True
             else:
                 bad.append((str(paths[i]), reason))
+            bar.update(1)
     return ok, bad

@@ -1,8 +1,10 @@
-"""Where small datasets come from: the ELPV package, a folder tree of class folders, sklearn's digits."""
+"""Where small datasets come from: the ELPV package, a folder tree of class folders (optionally inside official
+split folders ``train/``, ``val/``, ``test/``), sklearn's digits. List files are read by :mod:`lrk.data.lists`."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -15,7 +17,11 @@ import torch.nn.functional as F
 from lrk.data.images import IMAGE_EXTENSIONS
 from lrk.errors import LrkConfigError
 
+log = logging.getLogger(__name__)
+
 ELPV_TYPES = ("mono", "poly")
+# the folder names of official splits; val may be spelled three ways
+SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 ELPV_LEVEL_NAMES = ("p0", "p33", "p67", "p100")
 
 
@@ -108,6 +114,7 @@ def index_folder(
             if _matches(rel, include) and not _matches(rel, exclude) and path.is_file():
                 found.append(path)
         files.append(found)
+    warn_stray_images(root, sorted(exts), include, exclude)
     empty = [d.name for d, f in zip(class_dirs, files, strict=True) if not f]
     if empty:
         raise LrkConfigError(
@@ -116,6 +123,87 @@ def index_folder(
             f"include={list(include)}, exclude={list(exclude)}): add images or remove the folder"
         )
     return [d.name for d in class_dirs], files
+
+
+def warn_stray_images(
+    root: Path, extensions: Sequence[str], include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> int:
+    """Warn (log) about image files lying directly under ``root``, outside every class folder, which are not
+    used; returns their count."""
+    exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+    stray = [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() in exts
+        and _matches(p.name, include)
+        and not _matches(p.name, exclude)
+    ]
+    if stray:
+        many = len(stray) > 1
+        log.warning(
+            "%d image file%s directly under %s %s outside every class folder and %s not used (e.g. %s): "
+            "move %s into a class folder <root>/<class>/",
+            len(stray),
+            "s" if many else "",
+            root,
+            "lie" if many else "lies",
+            "are" if many else "is",
+            stray[0].name,
+            "them" if many else "it",
+        )
+    return len(stray)
+
+
+def find_split_folders(root: Path, mode: bool | None, exclude: Sequence[str] = ()) -> dict[str, Path] | None:
+    """Official split folders under ``root``: ``{"train": root/train, "val": root/val, "test": root/test}`` (only
+    those present; ``val`` may be named ``valid`` or ``validation``), or ``None`` for a plain class-folder tree.
+
+    ``mode=None`` (``data.split_folders: auto``): split folders when the first-level folders of ``root`` are
+    exactly split names, ``train`` among them. ``True``: they must be; ``False``: never (``train`` would be a
+    class).
+    """
+    if mode is False or not root.is_dir():
+        return None
+    dirs = [
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and not _matches(p.name, exclude)
+    ]
+    split_of = {alias: split for split, aliases in SPLIT_ALIASES.items() for alias in aliases}
+    named = [d for d in dirs if d.lower() in split_of]
+    others = sorted(d for d in dirs if d.lower() not in split_of)
+    has_train = any(split_of[d.lower()] == "train" for d in named)
+    if mode is None and (others or not has_train):
+        if named and has_train:
+            log.warning(
+                "data.root=%s has split folders (%s) beside other folders (%s): they are all read as class "
+                "folders; set data.split_folders=true to read train/val/test splits",
+                root,
+                ", ".join(sorted(named)),
+                ", ".join(others),
+            )
+        return None
+    if others or not has_train:
+        raise LrkConfigError(
+            f"data.split_folders=true but data.root={root} "
+            + (
+                f"has folders that are not split names: {', '.join(others)}"
+                if others
+                else "has no train folder"
+            )
+            + "; expected root/train/<class>/..., optionally root/val (or valid, validation) and root/test"
+        )
+    out: dict[str, Path] = {}
+    for d in sorted(named):
+        split = split_of[d.lower()]
+        if split in out:
+            raise LrkConfigError(
+                f"data.root={root} has two {split} folders, {out[split].name} and {d}: keep one"
+            )
+        out[split] = root / d
+    return out
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
