@@ -10,14 +10,14 @@
   tested, with the report of the run that compressed it.
 
 Any other schedule (multi-stage compression, SVD training's prune-and-fine-tune, ...) is a function of the
-:class:`RunState` registered here with :func:`register_schedule` by the module that defines it.
+:class:`RunState` registered with :func:`lrk.pipeline.registry.register_schedule` by the module that defines it,
+imported at the end of this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from lrk.errors import LrkConfigError
+from lrk.pipeline.registry import SCHEDULES, Schedule, register_schedule
 from lrk.pipeline.stages import (
     RunState,
     Stage,
@@ -35,23 +35,6 @@ ONE_SHOT: dict[str, list[Stage]] = {
     "post": [dense_weights, evaluate_dense, compress, fit, test],
     "restored": [restored_report, fit, test],
 }
-
-Schedule = Callable[[RunState], None]
-#: decomp.schedule name -> the function that runs the whole schedule
-SCHEDULES: dict[str, Schedule] = {}
-
-
-def register_schedule(name: str) -> Callable[[Schedule], Schedule]:
-    """Function decorator: run ``decomp.schedule=<name>`` with the decorated function."""
-
-    def decorator(schedule: Schedule) -> Schedule:
-        if name in SCHEDULES and SCHEDULES[name] is not schedule:
-            raise ValueError(f"schedule {name!r} is already registered by {SCHEDULES[name].__qualname__}")
-        SCHEDULES[name] = schedule
-        return schedule
-
-    return decorator
-
 
 def run_stages(state: RunState, stages: list[Stage]) -> None:
     for stage in stages:
@@ -77,3 +60,6 @@ def schedule_of(state: RunState) -> Schedule:
 
 def run_schedule(state: RunState) -> None:
     schedule_of(state)(state)
+
+
+import lrk.pipeline.svd_train  # noqa: E402, F401  (registers the schedule svd_train)
