@@ -21,6 +21,7 @@ ALLOWED = {
     "lit": {"measure"},
     "data": {"config"},
     "search": {"config"},
+    "reporting": {"results", "summary"},
 }
 ANYONE = {"errors", "checks"}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lrk.errors import LrkConfigError
-from lrk.results import Group, Run, group_runs, load_runs
+from lrk.results import Group, Run, group_runs, load_runs, majority_baseline
 from lrk.summary import SUMMARY_FILE
 
 #: config keys that differ between runs without making them a different variant (seeds, folders, loggers)
@@ -32,6 +32,8 @@ PHASES = ("time/rr_s", "time/train_s", "time/val_s")
 #: attention time, measured inside the training and validation steps (so inside ``time/train_s + time/val_s``)
 ATTENTION_PHASE = "time/mha_s"
 MAJORITY = "test/acc_majority"
+#: keys whose value names a variant by itself (``svd`` rather than ``name=svd``); tried first as variant keys
+NAMED_KEYS = ("decomp.name", "backbone.name")
 
 
 @dataclass
@@ -68,7 +70,9 @@ def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
         elif path.is_dir():
             found = sorted(path.rglob(SUMMARY_FILE))
         elif path.exists():
-            raise LrkConfigError(f"{path} is not a folder nor a {SUMMARY_FILE}: give run, multirun or sweep folders")
+            raise LrkConfigError(
+                f"{path} is not a folder nor a {SUMMARY_FILE}: give run, multirun or sweep folders"
+            )
         else:
             raise LrkConfigError(f"{path} does not exist: give run, multirun or sweep folders")
         if not found:
@@ -97,6 +101,7 @@ def load_report_runs(files: Iterable[Path]) -> tuple[list[ReportRun], list[str]]
                 metrics=run.metrics,
                 config=run.config,
                 error=run.error,
+                num_classes=run.num_classes,
                 decomp_layers=[r for r in data.get("decomp_layers") or [] if isinstance(r, dict)],
                 extra=data.get("extra") or {},
                 optuna=data.get("optuna"),
@@ -126,42 +131,66 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def varying_keys(runs: Sequence[Run], ignored: Sequence[str] = IGNORED_KEYS) -> list[str]:
-    """The config keys whose values differ between runs (seeds, folders and loggers left out), sorted;
-    ``["decomp.name"]`` when none differs."""
-    flat = [flatten(r.config) for r in runs]
-    keys = sorted({k for f in flat for k in f})
-    varying = [
+    """The config keys that tell the runs' variants apart (seeds, folders and loggers left out).
+
+    ``decomp.name`` and ``backbone.name`` when they vary, then every key that varies among runs of the same
+    method and backbone: ``decomp.branches=1,2,4`` or a sweep's ``decomp.ratio`` and ``model.lr``, but not
+    ``decomp.beta`` or ``decomp.stage``, which follow from the method. Then, while runs that differ in some other
+    key are still lumped together, the keys that split them. Only completed runs count (when there are any).
+    ``["decomp.name"]`` when all runs are one variant."""
+    completed = [r for r in runs if r.status == "completed"]
+    flat = [flatten(r.config) for r in completed or runs]  # a failed run's config does not make a variant
+    candidates = sorted(
+        {k for f in flat for k in f if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignored)},
+        key=lambda k: (NAMED_KEYS.index(k) if k in NAMED_KEYS else len(NAMED_KEYS), k),
+    )
+
+    def cell(f: Mapping[str, Any], key: str) -> str:
+        return json.dumps(f.get(key), sort_keys=True, default=str)
+
+    def classes(keys: Sequence[str]) -> int:
+        return len({tuple(cell(f, k) for k in keys) for f in flat})
+
+    named = [k for k in NAMED_KEYS if len({cell(f, k) for f in flat}) > 1]
+    kinds: dict[
+        tuple[str, ...], list[Mapping[str, Any]]
+    ] = {}  # runs by the named keys (the method, backbone)
+    for f in flat:
+        kinds.setdefault(tuple(cell(f, k) for k in NAMED_KEYS), []).append(f)
+    chosen = named + [
         k
-        for k in keys
-        if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignored)
-        and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1
+        for k in candidates
+        if k not in NAMED_KEYS and any(len({cell(f, k) for f in same}) > 1 for same in kinds.values())
     ]
-    return varying or ["decomp.name"]
+    target = classes(candidates)
+    for key in candidates:
+        if classes(chosen) == target:
+            break
+        if key not in chosen and classes([*chosen, key]) > classes(chosen):
+            chosen.append(key)
+    return chosen or ["decomp.name"]
 
 
 def group_label(group: Group, by: Sequence[str]) -> str:
-    """``svd, ratio=0.3``: the group's values, each but ``decomp.name`` with the last part of its key."""
-    parts = [v if k == "decomp.name" else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(by, group.key, strict=True)]
-    return ", ".join(parts)
+    """``svd, ratio=0.3``: the group's values, each but ``decomp.name`` with the last part of its key (keys a
+    group's runs do not have left out)."""
+    parts = [
+        v if k in NAMED_KEYS else f"{k.rsplit('.', 1)[-1]}={v}"
+        for k, v in zip(by, group.key, strict=True)
+        if v != "None"
+    ]
+    return ", ".join(parts) or ", ".join(group.key)
 
 
-def groups_of(runs: Sequence[ReportRun], by: Sequence[str] | None = None) -> tuple[list[Group], dict[tuple, str]]:
-    """lrk.results groups over ``by`` (default :func:`varying_keys`) and a readable name for each."""
+def groups_of(
+    runs: Sequence[ReportRun], by: Sequence[str] | None = None, rename: Mapping[tuple, str] | None = None
+) -> tuple[list[Group], dict[tuple, str]]:
+    """lrk.results groups over ``by`` (default :func:`varying_keys`) and a readable name for each (``rename``:
+    group key -> name, e.g. ``{("none", "False"): "NRR"}``, for the groups it names)."""
     keys = list(by) if by else varying_keys(runs)
     groups = group_runs(runs, keys)
-    return groups, {g.key: group_label(g, keys) for g in groups}
-
-
-def majority_group(groups: Sequence[Group]) -> Group | None:
-    """A pseudo-group whose ``test/acc`` is the runs' ``test/acc_majority`` (always predicting the test split's
-    majority class): the trivial row of the results table. None when no run logged it."""
-    runs = [r for g in groups for r in g.completed if isinstance(r.metrics.get(MAJORITY), (int, float))]
-    if not runs:
-        return None
-    return Group(
-        ("majority class",),
-        [Run(r.path, "completed", {"test/acc": float(r.metrics[MAJORITY])}, {}) for r in runs],
-    )
+    rename = rename or {}
+    return groups, {g.key: rename.get(g.key, group_label(g, keys)) for g in groups}
 
 
 @dataclass(frozen=True)
@@ -189,7 +218,9 @@ def tradeoff_points(groups: Sequence[Group], names: Mapping[tuple, str], x: str,
             continue
         xs, ys = zip(*pairs, strict=True)
         points.append(
-            Point(names[group.key], statistics.fmean(xs), statistics.fmean(ys), _std(xs), _std(ys), len(pairs))
+            Point(
+                names[group.key], statistics.fmean(xs), statistics.fmean(ys), _std(xs), _std(ys), len(pairs)
+            )
         )
     return points
 
@@ -236,7 +267,9 @@ def recalls(groups: Sequence[Group], names: Mapping[tuple, str]) -> dict[str, di
     return out
 
 
-def confusions(groups: Sequence[Group], names: Mapping[tuple, str]) -> tuple[dict[str, list[list[int]]], list[str]]:
+def confusions(
+    groups: Sequence[Group], names: Mapping[tuple, str]
+) -> tuple[dict[str, list[list[int]]], list[str]]:
     """Group name -> the test confusion matrix summed over its completed runs (rows: true class), and the class
     names of the first run that has them. Runs whose matrix has another shape than the group's first are left out."""
     out: dict[str, list[list[int]]] = {}
@@ -251,10 +284,19 @@ def confusions(groups: Sequence[Group], names: Mapping[tuple, str]) -> tuple[dic
                 total = [[int(v) for v in row] for row in matrix]
                 classes = classes or getattr(run, "class_names", [])
             elif len(matrix) == len(total):
-                total = [[a + int(b) for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(total, matrix, strict=True)]
+                total = [
+                    [a + int(b) for a, b in zip(ra, rb, strict=True)]
+                    for ra, rb in zip(total, matrix, strict=True)
+                ]
         if total is not None:
             out[names[group.key]] = total
     return out, classes
+
+
+def majority_accuracy(runs: Sequence[Run]) -> float | None:
+    """The accuracy of always predicting the test split's majority class (lrk.results.majority_baseline), or
+    None when the runs did not log ``test/acc_majority``."""
+    return majority_baseline(runs).get("test/acc")
 
 
 def failed_runs(runs: Sequence[Run]) -> list[str]:
