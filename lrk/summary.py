@@ -1,7 +1,8 @@
 """summary.json: the one file every run leaves behind, whatever happened to it.
 
 Contract (design.md): ``{"status", "error", "metrics", "config", "decomp_layers", "versions"}``
-plus ``run_dir``, ``started``, ``finished``, ``duration_s`` and ``extra`` (class names, split sizes,
+plus ``stages`` (one row per stage of a multi-stage schedule), ``search_points`` (the points an accuracy-target
+search evaluated), ``schedule`` (its outcome), ``run_dir``, ``started``, ``finished``, ``duration_s`` and ``extra`` (class names, split sizes,
 the test confusion matrix). ``status`` is one of ``running``, ``completed``, ``failed``,
 ``interrupted``, ``pruned``. The file is written atomically at the start (``running``) and at the end.
 """
@@ -78,6 +79,11 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     decomp_layers: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: one row per stage of a multi-stage schedule (lrk.pipeline.multistage), per evaluated point of a search
+    #: (lrk.pipeline.accuracy_target), and the schedule's outcome (why it stopped, what was kept)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    search_points: list[dict[str, Any]] = field(default_factory=list)
+    schedule: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     @property
@@ -93,6 +99,9 @@ class RunSummary:
                 "metrics": dict(sorted(self.metrics.items())),
                 "config": self.config,
                 "decomp_layers": self.decomp_layers,
+                "stages": self.stages,
+                "search_points": self.search_points,
+                "schedule": self.schedule,
                 "versions": package_versions(),
                 "run_dir": str(self.run_dir),
                 "started": _iso(self.started),

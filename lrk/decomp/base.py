@@ -26,6 +26,7 @@ from torch import nn
 from lrk.checks import is_int
 from lrk.config import config_to_dict
 from lrk.decomp.report import DecompReport
+from lrk.decomp.schedule_keys import SCHEDULE_KEYS, check_schedule_keys
 from lrk.decomp.targets import TargetSelector
 from lrk.errors import LrkConfigError
 from lrk.models.utils import replace_module
@@ -48,6 +49,8 @@ COMMON_KEYS: dict[str, Any] = {
     "targets": None,
     "skip": [],
     "calibration_batches": None,  # how many batches lrk.train hands to apply()
+    # keys of schedule=multistage / accuracy_target (lrk.decomp.schedule_keys, checked in the constructor)
+    **SCHEDULE_KEYS,
 }
 STAGES = ("init", "post")
 
@@ -112,6 +115,7 @@ class DecompMethod:
         if not (isinstance(schedule, str) and schedule):
             raise LrkConfigError(f"decomp.schedule={schedule!r} is invalid: it must be a schedule name")
         self.schedule: str = schedule
+        check_schedule_keys(self.cfg)
         epochs = self.cfg["finetune_epochs"]
         if not (is_int(epochs) and epochs >= 0):
             raise LrkConfigError(f"decomp.finetune_epochs={epochs!r} is invalid: it must be an integer >= 0")

@@ -36,6 +36,7 @@ ONE_SHOT: dict[str, list[Stage]] = {
     "restored": [restored_report, fit, test],
 }
 
+
 def run_stages(state: RunState, stages: list[Stage]) -> None:
     for stage in stages:
         stage(state)
@@ -63,3 +64,4 @@ def run_schedule(state: RunState) -> None:
 
 
 import lrk.pipeline.svd_train  # noqa: E402, F401  (registers the schedule svd_train)
+from lrk.pipeline import accuracy_target, multistage  # noqa: E402, F401  (register multistage, accuracy_target)

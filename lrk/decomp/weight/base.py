@@ -33,6 +33,7 @@ from lrk.checks import is_int
 from lrk.decomp.base import Built, DecompMethod, Rows
 from lrk.decomp.freeze import freeze_layer, parse_freeze
 from lrk.decomp.merge import check_mergeable, merge_model, merged_rows
+from lrk.decomp.rank.evbmf import RANK_SELECTOR_KEYS, bound_selector, rank_selection
 from lrk.decomp.rank.latency import EMPTY_FIELDS, RANK_SEARCH_KEYS, RankSearch
 from lrk.decomp.rank.policy import (
     DEFAULT_RATIO_TOLERANCE,
@@ -53,7 +54,11 @@ log = logging.getLogger(__name__)
 CLASSIFIER_NAMES = ("head", "head_dist", "fc", "classifier")
 
 #: config keys every weight method has besides the common ones of lrk.decomp.base
-WEIGHT_KEYS: dict[str, Any] = {"ratio_tolerance": DEFAULT_RATIO_TOLERANCE, **RANK_SEARCH_KEYS}
+WEIGHT_KEYS: dict[str, Any] = {
+    "ratio_tolerance": DEFAULT_RATIO_TOLERANCE,
+    **RANK_SEARCH_KEYS,
+    **RANK_SELECTOR_KEYS,  # rank_selector: policy | evbmf (lrk.decomp.rank.evbmf)
+}
 
 
 #: keys of the weight methods that declare ``factor_roles`` (lrk.decomp.freeze, lrk.decomp.merge)
@@ -105,7 +110,8 @@ class WeightMethod(DecompMethod):
             raise LrkConfigError(
                 f"decomp.calibration_batches={calib!r} is invalid: it must be an integer >= 0"
             )
-        self.policy: RankPolicy = RankPolicy.from_config(self.cfg)
+        # rank_selector: policy (rank | ratio | energy) or evbmf (lrk.decomp.rank.evbmf)
+        self.policy, self.rank_selector = rank_selection(self.cfg, self.name)
         per_layer = type(self).build is DecompMethod.build  # TRAWL builds groups: no per-layer rank search
         self.rank_search = RankSearch.from_config(self.cfg, self.name, per_layer)
         self.freeze: str | tuple[str, ...] = "none"
@@ -154,7 +160,7 @@ class WeightMethod(DecompMethod):
         self, model: nn.Module, targets: list[tuple[str, nn.Module]], batches: list[Any]
     ) -> dict[str, Any]:
         """The rank problem of every target; explicit ranks are checked here, before any maths runs."""
-        selector = self.policy.selector()
+        selector = bound_selector(self.rank_selector, self.policy, targets)
         problems = {name: self.problem(name, module) for name, module in targets}
         if isinstance(selector, FixedRank):
             for problem in problems.values():
