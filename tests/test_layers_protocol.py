@@ -34,6 +34,7 @@ from lrk.layers import (
 )
 from lrk.layers.base import module_flops
 from lrk.layers.branched_tucker import BranchedTuckerConv2d
+from lrk.layers.svd_train import SpatialSVDConv2d, SVDTrainConv2d, SVDTrainLinear
 from lrk.layers.trawl import build_group
 from lrk.linalg.cp import cp_to_tensor
 from lrk.linalg.tt import tt_max_ranks
@@ -126,6 +127,62 @@ def _svd_conv() -> list[Case]:
             exact_tol=1e-4,
         ),
         Case("low-1x1", _conv(padding=0, kernel=1), lambda d: SVDConv2d.from_dense(d, 2), IMG),
+    ]
+
+
+def _svd_train_linear() -> list[Case]:
+    return [
+        Case(
+            "full",
+            _linear(),
+            lambda d: SVDTrainLinear.from_dense(d),
+            LIN,
+            exact_tol=1e-4,
+            keeps=(None, "svd"),
+        ),
+        Case(
+            "low-nobias",
+            _linear(bias=False),
+            lambda d: SVDTrainLinear.from_dense(d, 5),
+            LIN,
+            keeps=(None, "svd"),
+        ),
+    ]
+
+
+def _svd_train_conv() -> list[Case]:
+    return [
+        Case(
+            "channel-full",
+            _conv(),
+            lambda d: SVDTrainConv2d.from_dense(d),
+            IMG,
+            exact_tol=1e-4,
+            keeps=(None, "svd"),
+        ),
+        Case(
+            "spatial-full",
+            _conv(),
+            lambda d: SVDTrainConv2d.from_dense(d, decomposition="spatial"),
+            IMG,
+            exact_tol=1e-4,
+            keeps=(None, "svd"),
+            extra_shapes=(ODD,),
+        ),
+        Case(
+            "spatial-low-dilated-reflect-nobias",
+            _conv(stride=1, padding=2, dilation=2, bias=False, padding_mode="reflect"),
+            lambda d: SVDTrainConv2d.from_dense(d, 5, decomposition="spatial"),
+            IMG,
+            keeps=(None, "svd"),
+        ),
+    ]
+
+
+def _spatial_svd_conv() -> list[Case]:
+    return [
+        Case("low", _conv(), lambda d: SpatialSVDConv2d.from_dense(d, 4), IMG, extra_shapes=(ODD,)),
+        Case("full", _conv(), lambda d: SpatialSVDConv2d.from_dense(d, 24), IMG, exact_tol=1e-4),
     ]
 
 
@@ -278,6 +335,9 @@ def _trawl_conv() -> list[Case]:
 CASES: dict[type[FactorizedLayer], Callable[[], list[Case]]] = {
     SVDLinear: _svd_linear,
     SVDConv2d: _svd_conv,
+    SVDTrainLinear: _svd_train_linear,
+    SVDTrainConv2d: _svd_train_conv,
+    SpatialSVDConv2d: _spatial_svd_conv,
     TuckerConv2d: _tucker,
     BranchedTuckerConv2d: _branched_tucker,
     CPConv2d: _cp_conv,
@@ -401,6 +461,18 @@ BAD_RANKS: dict[type[FactorizedLayer], list[tuple[Callable[[], FactorizedLayer],
     SVDConv2d: [
         (lambda: SVDConv2d.from_dense(_conv(), 13), 13),
         (lambda: SVDConv2d.from_dense(_conv(), -1), -1),
+    ],
+    SVDTrainLinear: [
+        (lambda: SVDTrainLinear.from_dense(_linear(), 17), 17),
+        (lambda: SVDTrainLinear.from_dense(_linear(), 0), 0),
+    ],
+    SVDTrainConv2d: [
+        (lambda: SVDTrainConv2d.from_dense(_conv(), 13), 13),
+        (lambda: SVDTrainConv2d.from_dense(_conv(), 25, decomposition="spatial"), 25),
+    ],
+    SpatialSVDConv2d: [
+        (lambda: SpatialSVDConv2d.from_dense(_conv(), 25), 25),
+        (lambda: SpatialSVDConv2d.from_dense(_conv(), 0), 0),
     ],
     TuckerConv2d: [
         (lambda: TuckerConv2d.from_dense(_conv(), (13, 8)), 13),
