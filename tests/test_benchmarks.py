@@ -33,7 +33,7 @@ QUICK_SECONDS = {
     "lrd_2x_counts": 16,
     "model_flops": 5,
     "rank_search_curve": 8,
-    "sdrm_attention": 17,
+    "sdrm_attention": 26,
     "sdrm_phases": 15,
     "tsvd": 3,
 }

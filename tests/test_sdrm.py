@@ -122,11 +122,11 @@ def test_per_head_loop_equals_batched_heads() -> None:
     ],
 )
 def test_factored_core_equals_explicit_qkv(kwargs: dict) -> None:
-    """core=factored (Q K^T = Z' M_h Z'^T, softmax(.) V = (softmax(.) Z') P_v^T) gives Eq. 14's numbers and
+    """factored=True (Q K^T = Z' M_h Z'^T, softmax(.) V = (softmax(.) Z') P_v^T) gives Eq. 14's numbers and
     gradients; auto takes it when r + 1 < d_h."""
     ref = dense()
-    explicit = SDRMAttention.from_attention(ref, core="qkv", **kwargs).train()
-    factored = SDRMAttention.from_attention(ref, core="factored", **kwargs).train()
+    explicit = SDRMAttention.from_attention(ref, factored=False, **kwargs).train()
+    factored = SDRMAttention.from_attention(ref, factored=True, **kwargs).train()
     x1, x2 = tokens().requires_grad_(True), tokens().requires_grad_(True)
     out1, out2 = explicit(x1), factored(x2)
     torch.testing.assert_close(out2, out1, atol=1e-12, rtol=0)
@@ -136,7 +136,7 @@ def test_factored_core_equals_explicit_qkv(kwargs: dict) -> None:
     torch.testing.assert_close(factored.qkv.weight.grad, explicit.qkv.weight.grad, atol=1e-10, rtol=0)
     auto = SDRMAttention.from_attention(ref, energy=0.5)
     bases = auto._bases(tokens())
-    assert auto._use_factored(bases) == (bases[0][2].shape[1] + 1 < D // H)
+    assert auto._use_factored(bases) == (bases[0][2].shape[1] < D // H)
 
 
 def test_images_never_mix_with_one_image_per_chunk() -> None:
@@ -317,6 +317,12 @@ def test_method_targets_and_skip_globs() -> None:
         ({"svd_batch_size": 0}, r"decomp.svd_batch_size=0 is invalid"),
         ({"solver": "qr"}, r"decomp.solver='qr' is invalid"),
         ({"subspace": "global"}, r"decomp.subspace='global' is invalid"),
+        (
+            {"head_split": "output"},
+            r"decomp.head_split='output' is invalid: it must be one of projected, input",
+        ),
+        ({"factored": "maybe"}, r"decomp.factored='maybe' is invalid: it must be auto, true or false"),
+        ({"factored": 1}, r"decomp.factored=1 is invalid"),
         ({"adamatrix": {"lr": -1}}, r"decomp.adamatrix=.* is invalid"),
         ({"adamatrix": {"speed": 2}}, r"decomp.adamatrix=.* is invalid"),
         ({"subspace": "calibrated", "calibration_batches": 0}, r"calibration_batches=0 is invalid"),
@@ -482,13 +488,13 @@ class _Calls(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
-@pytest.mark.parametrize("core", ["qkv", "factored"])
-def test_one_y_v_product_per_chunk_and_eq14_unchanged(chunk: int | None, core: str) -> None:
+@pytest.mark.parametrize("factored", [False, True])
+def test_one_y_v_product_per_chunk_and_eq14_unchanged(chunk: int | None, factored: bool) -> None:
     """The forward forms Y V_r ([m, d] x [d, r]) once per chunk (the solver returns V and S without U), and the
     output is Eq. 14 formed explicitly: Q, K, V from Y V_r V_r^T (V_r from torch.linalg.svd of each chunk, the
     energy rule on its singular values), softmax(Q_h K_h^T / sqrt(d_h)) V_h per head and image, then W^O."""
     ref, x = dense(), tokens()
-    sdrm = SDRMAttention.from_attention(ref, energy=0.8, svd_batch_size=chunk, core=core)
+    sdrm = SDRMAttention.from_attention(ref, energy=0.8, svd_batch_size=chunk, factored=factored)
     with _Calls() as calls:
         out = sdrm(x)
     size = chunk or B
@@ -550,7 +556,9 @@ def test_module_argument_errors_are_value_errors() -> None:
         ({"rank": 4, "energy": 0.5}, r"energy=0.5, rank=4 is invalid: give at most one"),
         ({"energy": 1.5}, r"energy=1.5 is invalid"),
         ({"subspace": "global"}, r"subspace='global' is invalid: it must be one of batch, calibrated"),
-        ({"core": "fast"}, r"core='fast' is invalid"),
+        ({"factored": "fast"}, r"factored='fast' is invalid"),
+        ({"head_split": "output"}, r"head_split='output' is invalid"),
+        ({"head_split": "input", "rank": 17}, r"rank=17 is invalid: .*\[1, 16\]"),
         ({"svd_batch_size": 0}, r"svd_batch_size=0 is invalid"),
         ({"block_size": "big"}, r"block_size='big' is invalid"),
         ({"solver": "adamatrix", "adamatrix": {"lr": -1}}, r"adamatrix=.* is invalid: lr=-1"),

@@ -1,5 +1,11 @@
 """AdaMatrix: SDRM's gradient iteration for the truncated SVD (seeds/sdrm_paper.txt, section 3.2, Algorithm 1).
 
+What lrk's default (``variant="engineered"``) is, in plain terms: a warm-started block subspace iteration. U and S
+come in closed form (Rayleigh-Ritz on Y V), V takes one curvature-scaled gradient step of Eq. (4) with lr 1, no
+momentum and betas (0, 0), which is exactly one block power iteration V <- orth(Y^T U S^-T) (point 3 below), and
+:class:`AdaMatrixSolver` starts every call from the previous call's block (the previous batch's V). The paper's
+Adam with momentum and Nesterov look-ahead is kept as ``variant="paper"`` (it does not converge, table below).
+
 The paper: loss Eq. (4) L = ||Y - U S V^T||_F^2 + lambda1 ||S||_1 + lambda2 ||U||_* + lambda3 ||V||_* (printed
 with -lambda1; Eq. 6's +lambda1 sign(S) and "regularization ... to compress" make it a penalty, + here),
 gradients Eqs. (5)-(7) with an element-wise weight W initialised from w_i = s_i^2 / sum_{j<=r} s_j^2 (Eq. 8),

@@ -292,3 +292,56 @@ def lowrank_svd(
             break
         q = min(2 * q, limit)
     return _finish(U[:, :r], S[:r], V[:, :r], total, "lowrank", iterations=niter)
+
+
+@dataclass
+class HeadTruncatedSVD:
+    """Per-head rank-r_h right factors of a batch of matrices Y_h ([H, m, n]), zero-padded to the largest rank.
+
+    ``V``: [H, n, r_max], column i of head h zero for i >= r_h (so ``Y_h V_h`` and everything built from it carry
+    exactly the rank-r_h factors); ``S``: [H, r_max] (zero beyond r_h); ``ranks``, ``energies``, ``rel_errors``:
+    per head, on the host."""
+
+    V: torch.Tensor
+    S: torch.Tensor
+    ranks: list[int]
+    energies: list[float]
+    rel_errors: list[float]
+
+
+def head_gram_svd(Y: torch.Tensor, rank: int | None = None, energy: float | None = None) -> HeadTruncatedSVD:
+    """Truncated SVD of every Y_h of ``Y`` ([H, m, n], m >= n) through its Gram matrix, batched: one batched
+    product Y_h^T Y_h (H m n^2 flops: 1/H of the Gram matrix of the concatenated features when n = d / H), one
+    batched eigh of H n x n matrices, then the rank per head (fixed ``rank``, or the energy rule of Eqs. 2-3 on
+    each head's own spectrum). V and S only, as :func:`gram_svd` with ``compute_u=False``; S = sqrt(eigenvalue).
+    SDRM with ``head_split=input`` (Section 3.2: X divided into X_i in R^{b x t x d/h}, one t-SVD per head)."""
+    if not isinstance(Y, torch.Tensor) or Y.dim() != 3 or not Y.is_floating_point():
+        shape = tuple(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__
+        raise ValueError(f"Y={shape} is invalid: it must be a 3-D floating-point torch.Tensor (H, m, n)")
+    heads, m, n = Y.shape
+    if m < n:
+        raise ValueError(f"Y of shape {tuple(Y.shape)} is invalid: head_gram_svd needs m >= n (tall Y_h)")
+    check_request((m, n), rank, energy)
+    Y = Y.float() if Y.dtype in (torch.float16, torch.bfloat16) else Y
+    G = Y.transpose(1, 2) @ Y
+    totals = torch.diagonal(G, dim1=1, dim2=2).double().sum(-1)
+    if not bool(torch.isfinite(totals).all()):
+        raise _non_finite("||Y_h||_F^2")
+    with small_lapack_threads(Y.device):
+        evals, evecs = torch.linalg.eigh(G)
+    evals = evals.double().flip(-1).clamp_min(0.0)  # [H, n], descending
+    values = evals.sqrt()
+    host = evals.cpu()
+    if rank is not None:
+        ranks = [rank] * heads
+    else:
+        ranks = [energy_rank(host[h].sqrt(), energy) for h in range(heads)]  # type: ignore[arg-type]
+    sums = host.sum(-1)
+    energies = [float(host[h, : ranks[h]].sum() / sums[h]) if sums[h] > 0 else 1.0 for h in range(heads)]
+    ranks_t = torch.tensor(ranks, device=Y.device)
+    r_max = max(ranks)
+    keep = (torch.arange(r_max, device=Y.device) < ranks_t[:, None]).to(Y.dtype)  # [H, r_max]
+    V = evecs.flip(-1)[:, :, :r_max] * keep[:, None, :]
+    S = values[:, :r_max].to(Y.dtype) * keep
+    errors = [math.sqrt(max(1.0 - e, 0.0)) for e in energies]
+    return HeadTruncatedSVD(V, S, ranks, energies, errors)

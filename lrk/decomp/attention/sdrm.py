@@ -3,11 +3,22 @@ seeds/sdrm_paper.txt sections 3-4). The computation, and where lrk reads the pap
 :mod:`lrk.layers.attention.sdrm`.
 
 This module is the method: it validates the keys of conf/decomp/sdrm.yaml once (``energy`` phi or ``rank``,
-``solver``, ``svd_batch_size``, ``block_size``, ``subspace``, ``core``, ``adamatrix``, ``monitor``), checks what
-needs the model before anything changes (block size and rank against the token count T), fits the frozen basis of
+``solver``, ``svd_batch_size``, ``block_size``, ``subspace``, ``head_split``, ``factored``, ``adamatrix``,
+``monitor``), checks what needs the model before anything changes (block size and rank against the token count T
+and, for ``head_split=input``, against d/h), fits the frozen basis of
 ``subspace=calibrated`` on the attention inputs of the calibration batches (their Gram matrices summed, then eigh),
 and reports per layer what the rank rule did on the calibration batches. :func:`sdrm_metrics` collects the figures
 of the t-SVDs inside the fit's forwards (``time/rr_s``, ``decomp/rank_mean``, ...).
+
+``head_split``: ``projected`` (default) keeps the dense attention's parameters and splits the heads from the
+projected Q, K, V after one t-SVD of all d features; ``input`` is the paper's Algorithm 2 / Section 3.2 (X split into
+X_i in R^{b x t x d/h}, a t-SVD and W^Q_i, W^K_i, W^V_i of (d/h) x (d/h) per head: 3 d^2 / h qkv weights).
+``head_loop`` runs the heads one at a time in the chosen split (with ``projected``: every head on the shared
+t-SVD of all d features, the same numbers as the batched heads; it is *not* the paper's input split).
+``factored`` (auto | true | false): attention and W^O from the rank-r factors (T^2 r instead of T^2 d/h per head;
+auto where r < d/h); same numbers either way. The default split stays ``projected``: the input split is a different
+(smaller) model, which drops the off-diagonal qkv blocks of a dense model (see experiments/sdrm_paper/README.md for
+its measured accuracy).
 """
 
 from __future__ import annotations
@@ -31,9 +42,9 @@ from lrk.decomp.base import Built, Rows, register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase
 from lrk.layers.attention.sdrm import (
-    CORES,
     DEFAULT_BLOCK_BUDGET_MB,
     DEFAULT_SOLVER,
+    HEAD_SPLITS,
     SUBSPACES,
     SDRMAttention,
 )
@@ -54,7 +65,8 @@ def check_settings(
     block_size: int | str | None,
     subspace: str,
     block_budget_mb: float,
-    core: str = "auto",
+    head_split: str = "projected",
+    factored: Any = "auto",
 ) -> None:
     """Validate SDRM's settings (each bad value -> one :class:`LrkConfigError` naming it and what is valid)."""
     if (energy is None) == (rank is None):
@@ -84,11 +96,35 @@ def check_settings(
         raise LrkConfigError(
             f"decomp.subspace={subspace!r} is invalid: it must be one of {', '.join(SUBSPACES)}"
         )
-    if core not in CORES:
-        raise LrkConfigError(f"decomp.core={core!r} is invalid: it must be one of {', '.join(CORES)}")
+    if head_split not in HEAD_SPLITS:
+        raise LrkConfigError(
+            f"decomp.head_split={head_split!r} is invalid: it must be one of {', '.join(HEAD_SPLITS)} (projected: "
+            "heads split from the projected Q, K, V; input: the paper's per-head split of the input features)"
+        )
+    if not (factored == "auto" or isinstance(factored, bool)):
+        raise LrkConfigError(
+            f"decomp.factored={factored!r} is invalid: it must be auto, true or false (attention from the rank-r "
+            "factors: auto = where r + 1 < d/h)"
+        )
     if not (is_number(block_budget_mb) and block_budget_mb > 0):
         raise LrkConfigError(
             f"decomp.block_budget_mb={block_budget_mb!r} is invalid: it must be a positive number"
+        )
+
+
+def check_heads(name: str, dim: int, heads: int, rank: int | None) -> None:
+    """head_split=input: d must split into h heads of d/h input features, and a fixed rank fit d/h."""
+    if dim % heads:
+        valid = [h for h in range(1, dim + 1) if dim % h == 0]
+        raise LrkConfigError(
+            f"decomp.head_split=input is invalid for '{name}': its dim d={dim} does not divide into num_heads "
+            f"h={heads} heads of d/h input features (head counts that divide d={dim}: {valid}); or use "
+            "decomp.head_split=projected"
+        )
+    if rank is not None and rank > dim // heads:
+        raise LrkConfigError(
+            f"decomp.rank={rank} is invalid for decomp.head_split=input on '{name}': every head's t-SVD has "
+            f"d/h = {dim // heads} features, so use a rank in [1, {dim // heads}]"
         )
 
 
@@ -204,7 +240,7 @@ class SDRMMethod(AttentionSwapMethod):
     """``decomp=sdrm``: every attention module (or those matching ``targets``, minus ``skip``) becomes an
     :class:`SDRMAttention` with the same weights. Keys (conf/decomp/sdrm.yaml): ``energy`` (phi) or ``rank``
     (``default_energy`` applies when both are null), ``solver``, ``svd_batch_size``, ``block_size``,
-    ``block_keys``, ``block_budget_mb``, ``subspace``, ``head_loop``, ``core``, ``monitor`` (a calibrated
+    ``block_keys``, ``block_budget_mb``, ``subspace``, ``head_split``, ``head_loop``, ``factored``, ``monitor`` (a calibrated
     basis's per-forward energy; default false), ``adamatrix`` (options of
     :class:`~lrk.linalg.adamatrix.AdaMatrixSolver`, validated by :func:`~lrk.linalg.adamatrix.check_options`
     without building one), plus the common ``stage``, ``calibration_batches`` ... Every config rule is checked
@@ -221,7 +257,8 @@ class SDRMMethod(AttentionSwapMethod):
         "block_budget_mb": DEFAULT_BLOCK_BUDGET_MB,
         "subspace": "batch",
         "head_loop": False,
-        "core": "auto",
+        "head_split": "projected",
+        "factored": "auto",
         "monitor": False,
         "adamatrix": {},
     }
@@ -234,6 +271,8 @@ class SDRMMethod(AttentionSwapMethod):
             {"solver": "qr"},
             {"subspace": "calibrated", "calibration_batches": 0},
             {"targets": ["blocks.*.mlp"]},
+            {"head_split": "output"},
+            {"factored": "maybe"},
         ],
     }
 
@@ -256,7 +295,8 @@ class SDRMMethod(AttentionSwapMethod):
             c["block_size"],
             c["subspace"],
             c["block_budget_mb"],
-            c["core"],
+            c["head_split"],
+            c["factored"],
         )
         for key in ("block_keys", "head_loop", "monitor"):
             if not isinstance(c[key], bool):
@@ -277,7 +317,8 @@ class SDRMMethod(AttentionSwapMethod):
             "block_budget_mb": float(c["block_budget_mb"]),
             "subspace": c["subspace"],
             "head_loop": c["head_loop"],
-            "core": c["core"],
+            "head_split": c["head_split"],
+            "factored": c["factored"],
             "monitor": c["monitor"],
             "adamatrix": options,
         }
@@ -288,7 +329,12 @@ class SDRMMethod(AttentionSwapMethod):
         """Token-count checks; for ``subspace=calibrated`` the Gram matrices of every target's calibration inputs."""
         s = self.settings
         tokens = token_count(model)
-        for _, module in targets:  # without a known T: rank <= d here, block_size <= T at the first forward
+        for (
+            name,
+            module,
+        ) in targets:  # without a known T: rank <= d here, block_size <= T at the first forward
+            if s["head_split"] == "input":
+                check_heads(name, module.dim, module.num_heads, s["rank"])
             check_tokens(s["block_size"], s["rank"], s["svd_batch_size"], tokens, module.dim)
         context: dict[str, Any] = {"grams": {}, "tokens": {}, "seconds": {}}
         if s["subspace"] != "calibrated":
@@ -348,16 +394,17 @@ class SDRMMethod(AttentionSwapMethod):
             assert isinstance(new, SDRMAttention)
             st = new.stats
             n = st.factorizations
-            kind = f"sdrm_{self.settings['subspace']}"
-            if calibrated:  # the frozen basis, fitted on all calibration tokens
-                rank, energy = float(new.basis_rank), float(new.basis_energy)
+            kind = f"sdrm_{self.settings['subspace']}" + ("_input" if new.head_split == "input" else "")
+            if calibrated:  # the frozen basis, fitted on all calibration tokens (input split: mean head rank)
+                rank, energy = float(new.basis_rank.double().mean()), float(new.basis_energy)
                 rel = math.sqrt(max(1.0 - energy, 0.0))
             elif n:  # the rank rule on the calibration batches' t-SVDs (each measures its energy and error)
                 rank = st.rank_sum / n
                 energy, rel = st.energy_sum / st.measured, st.rel_error_sum / st.measured
             else:  # no calibration batch: the bounds the configuration promises (rank <= r or d, energy >= phi)
                 kind += "_bounds"
-                rank = float(new.rank if new.rank is not None else new.dim)
+                width = new.dim if new.head_split == "projected" else new.head_dim
+                rank = float(new.rank if new.rank is not None else width)
                 energy = float(new.energy) if new.energy is not None else 0.0
                 rel = math.sqrt(max(1.0 - energy, 0.0))
             rows.append(
