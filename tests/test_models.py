@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -371,3 +372,73 @@ def test_checkpoint_position_embedding_is_resampled_to_the_new_grid(tmp_path):
 
 def test_vit_class_is_the_registered_builder():
     assert BACKBONES["vit"] is VisionTransformer
+
+
+# ----------------------------------------------------------------------------- weights trained elsewhere
+
+
+def pretrain_run(tmp_path: Path) -> Path:
+    """A conv-stem ViT trained by lrk.train on 4-class synthetic data at 32 px (patch 4: an 8x8 grid)."""
+    from conftest import TINY, compose_train
+    from omegaconf import open_dict
+
+    from lrk.train import run
+
+    overrides = [
+        *TINY, "data.label_mode=types", "data.image_size=32", "data.num_samples=48", "trainer.max_epochs=1",
+        "backbone.stem=conv", "backbone.patch_size=4",
+    ]  # fmt: skip
+    cfg = compose_train(overrides, tmp_path)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "pretrain")
+    run(cfg)
+    return tmp_path / "pretrain"
+
+
+def test_fine_tune_from_a_run_dir_of_other_classes_and_image_size(tmp_path, tiny_cfg, caplog):
+    """Item 3 of issue 12 (docs/pretraining.md): pretrain on 4 classes at 32 px, then start a binary 16 px run
+    from that run dir with backbone.checkpoint_path: the head is replaced, the position embedding resampled from
+    8x8 to 4x4 patches, every other tensor taken as trained."""
+    from lrk.models.checkpoint import weights_file
+    from lrk.summary import read_summary
+    from lrk.train import run
+
+    source = pretrain_run(tmp_path)
+    state = torch.load(weights_file(source), map_location="cpu", weights_only=False)["state_dict"]
+    state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    assert state["head.weight"].shape == (4, 32) and state["pos_embed"].shape == (1, 65, 32)
+
+    cfg_node = {**TINY, "dim": 32, "depth": 1, "num_heads": 2, "stem": "conv", "patch_size": 4}
+    cfg_node["checkpoint_path"] = str(source)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="lrk.models.checkpoint"):
+        model = build_backbone(cfg_node, num_classes=2, in_chans=1, image_size=16)
+    assert "head" in caplog.text and "resampled from a 8x8 to a 4x4" in caplog.text
+    own = model.state_dict()
+    for key, value in own.items():
+        if key.startswith("head"):
+            assert value.shape[0] == 2  # a fresh 2-class classifier
+        elif key == "pos_embed":
+            grid = state[key][:, 1:].reshape(1, 8, 8, 32).permute(0, 3, 1, 2)
+            small = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+            expected = torch.cat([state[key][:, :1], small.permute(0, 2, 3, 1).reshape(1, 16, 32)], dim=1)
+            torch.testing.assert_close(value, expected)
+        else:
+            torch.testing.assert_close(value, state[key], msg=key)
+
+    # the same through lrk.train, end to end
+    cfg = tiny_cfg(
+        f"backbone.checkpoint_path={source}", "backbone.stem=conv", "backbone.patch_size=4", "trainer.max_epochs=1",
+        "data.num_samples=48", run="finetune",
+    )  # fmt: skip
+    metrics = run(cfg)
+    assert read_summary(Path(cfg.paths.output_dir))["status"] == "completed"
+    assert 0.0 <= metrics["test/bal_acc"] <= 1.0
+
+
+def test_checkpoint_path_run_dir_without_checkpoints_is_a_config_error(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(
+        LrkConfigError, match=r"backbone\.checkpoint_path=.*run' is invalid: a directory without"
+    ):
+        tiny_vit(checkpoint_path=str(tmp_path / "run"))

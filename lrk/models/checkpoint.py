@@ -1,6 +1,8 @@
 """Local pretrained weights for a backbone (``backbone.checkpoint_path``): nothing comes from a hub.
 
-Accepted files (``torch.save`` output):
+Accepted: a file (``torch.save`` output, below) or an lrk run dir, whose checkpoint is taken as
+:func:`lrk.load_model` takes it (:func:`weights_file`: the checkpoint the run tested, else the newest
+``checkpoints/best-*.ckpt``, else ``checkpoints/last.ckpt``). Files:
 
 * a plain ``state_dict``;
 * a dict with ``state_dict`` (a Lightning checkpoint): keys prefixed ``model.`` (the LightningModule's
@@ -12,6 +14,7 @@ A ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) prefix is strippe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
@@ -59,14 +62,39 @@ def _strip(state: dict[str, torch.Tensor], prefix: str, only_prefixed: bool) -> 
     return state
 
 
+def weights_file(path: str | Path) -> Path:
+    """The checkpoint file of ``path``: the file itself, or for an lrk run dir the checkpoint it tested
+    (summary.json ``extra.tested_checkpoint``), else its newest ``checkpoints/best-*.ckpt``, else
+    ``checkpoints/last.ckpt`` (the order of ``lrk.pipeline.structure.find_checkpoint``, which this package may not
+    import)."""
+    file = Path(path).expanduser()
+    if file.is_file():
+        return file
+    if not file.is_dir():
+        raise LrkConfigError(f"backbone.checkpoint_path={str(path)!r} is invalid: no such file or run dir")
+    checkpoints = file / "checkpoints"
+    try:
+        tested = json.loads((file / "summary.json").read_text()).get("extra", {}).get("tested_checkpoint")
+    except (OSError, ValueError, AttributeError):
+        tested = None
+    candidates = [Path(tested), checkpoints / Path(tested).name] if tested else []
+    candidates += sorted(checkpoints.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates.append(checkpoints / "last.ckpt")
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise LrkConfigError(
+            f"backbone.checkpoint_path={str(path)!r} is invalid: a directory without checkpoints/best-*.ckpt or "
+            "checkpoints/last.ckpt (give a checkpoint file or an lrk run dir)"
+        )
+    return found
+
+
 def read_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The backbone's tensors held in the checkpoint file ``path`` (see the module doc for formats).
+    """The backbone's tensors held in the checkpoint file or run dir ``path`` (see the module doc for formats).
 
     ``model``, when given, tells whether its own keys start with ``model.`` (then that prefix is kept).
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise LrkConfigError(f"backbone.checkpoint_path={str(path)!r} is invalid: no such file")
+    file = weights_file(path)
     obj = _load_file(file)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()

@@ -71,6 +71,12 @@ def build_backbone(cfg: Any, num_classes: int, in_chans: int, image_size: int) -
             raise LrkConfigError(
                 f"backbone.{key}={options[key]!r} is invalid: {key} is set from the data, not the backbone config"
             )
+        if key == "distilled" and key not in accepted:
+            capable = sorted(n for n, b in BACKBONES.items() if "distilled" in _builder_options(b))
+            raise LrkConfigError(
+                f"backbone.distilled={options[key]!r} is invalid for backbone {name!r}: it has no distillation "
+                f"token; backbones with one: {', '.join(capable)} (e.g. backbone=deit_small or vit_hybrid)"
+            )
         if key not in accepted:
             raise LrkConfigError(
                 f"backbone.{key} is not an option of backbone {name!r}: valid options are "

@@ -2,9 +2,15 @@
 2021), written to be read: patch embedding, class (and distillation) token, learned position
 embedding, pre-norm blocks, final norm, linear head.
 
+``stem: conv`` replaces the patchify layer by a convolutional stem (Xiao et al. 2021, "Early convolutions help
+transformers see better", Sec. 3: a stack of stride-2 3x3 convolutions with BatchNorm and ReLU, then one 1x1
+convolution to ``dim``), with the same token count as patchify.
+
 Module names, which decomposition targets glob over (e.g. ``blocks.*.attn.qkv``)::
 
-    patch_embed.proj                 Conv2d(in_chans, dim, patch_size, stride=patch_size)
+    patch_embed.proj                 Conv2d(in_chans, dim, patch_size, stride=patch_size)    (stem: patch)
+    patch_embed.convs.{j}.0 / .1     Conv2d 3x3 stride 2 / BatchNorm2d, j < log2(patch_size) (stem: conv)
+    patch_embed.proj                 Conv2d(width, dim, 1)                                   (stem: conv)
     blocks.{i}.norm1 / norm2         LayerNorm(dim)
     blocks.{i}.attn                  an AttentionBase (MultiHeadSelfAttention: .qkv, .proj)
     blocks.{i}.mlp.fc1 / act / fc2   Linear(dim, hidden), GELU, Linear(hidden, dim)
@@ -14,10 +20,12 @@ Module names, which decomposition targets glob over (e.g. ``blocks.*.attn.qkv``)
 from __future__ import annotations
 
 import logging
+from itertools import pairwise
 
 import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
+from torchvision.ops.misc import Conv2dNormActivation
 
 from lrk.checks import boolean, positive_float, positive_int, probability
 from lrk.errors import LrkConfigError
@@ -30,6 +38,17 @@ log = logging.getLogger(__name__)
 AUTO_PATCH_SIZES = (16, 8, 4, 2, 1)
 #: widest patch grid ``auto`` accepts from a power-of-two patch below 16 before it looks at other divisors
 AUTO_MAX_GRID = 16
+
+
+def _auto_patch(image_size: int) -> int:
+    """The rule of :func:`auto_patch_size`, without its warning."""
+    min_grid = min(8, image_size // 2)
+    patch = next(p for p in AUTO_PATCH_SIZES if image_size % p == 0 and image_size // p >= min_grid)
+    if patch < AUTO_PATCH_SIZES[0] and image_size // patch > AUTO_MAX_GRID:
+        patch = max(
+            p for p in range(1, image_size + 1) if image_size % p == 0 and image_size // p >= min_grid
+        )
+    return patch
 
 
 def auto_patch_size(image_size: int) -> int:
@@ -48,11 +67,7 @@ def auto_patch_size(image_size: int) -> int:
     """
     image_size = positive_int("image_size", image_size)
     min_grid = min(8, image_size // 2)
-    patch = next(p for p in AUTO_PATCH_SIZES if image_size % p == 0 and image_size // p >= min_grid)
-    if patch < AUTO_PATCH_SIZES[0] and image_size // patch > AUTO_MAX_GRID:
-        patch = max(
-            p for p in range(1, image_size + 1) if image_size % p == 0 and image_size // p >= min_grid
-        )
+    patch = _auto_patch(image_size)
     grid = image_size // patch
     if patch < AUTO_PATCH_SIZES[0] and grid > AUTO_MAX_GRID:
         log.warning(
@@ -86,25 +101,99 @@ def resolve_patch_size(image_size: int, patch_size: int | str) -> int:
     return patch_size
 
 
-class PatchEmbed(nn.Module):
-    """Cut the image into non-overlapping ``patch_size`` squares and project each to ``dim``:
-    ``[B, C, S, S] -> [B, (S/p)^2, dim]`` (ViT Eq. 1, as one strided convolution ``proj``)."""
+class _TokenEmbed(nn.Module):
+    """What both stems share: the image and patch sizes, the patch grid and the input-size check."""
 
-    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int) -> None:
+    def __init__(self, image_size: int, patch_size: int) -> None:
         super().__init__()
         self.image_size = image_size
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise LrkConfigError(
                 f"input images are {tuple(x.shape[-2:])} but the backbone was built for "
                 f"image_size={self.image_size}"
             )
+
+
+class PatchEmbed(_TokenEmbed):
+    """Cut the image into non-overlapping ``patch_size`` squares and project each to ``dim``:
+    ``[B, C, S, S] -> [B, (S/p)^2, dim]`` (ViT Eq. 1, as one strided convolution ``proj``)."""
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__(image_size, patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def conv_stem_widths(patch_size: int, dim: int) -> list[int]:
+    """Output channels of the stride-2 3x3 convolutions of :class:`ConvStem`: ``log2(patch_size)`` of them,
+    doubling up to ``dim`` (Xiao et al. 2021, Sec. 3: e.g. ViT_C-1GF, dim 192, p 16: 24, 48, 96, 192), at least
+    8 channels (or ``dim`` when smaller)."""
+    depth = patch_size.bit_length() - 1
+    return [max(min(8, dim), dim >> (depth - 1 - j)) for j in range(depth)]
+
+
+class ConvStem(_TokenEmbed):
+    """Convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better", Sec. 3):
+    ``log2(patch_size)`` stride-2 3x3 convolutions, each followed by BatchNorm and ReLU, with widths doubling up
+    to ``dim`` (:func:`conv_stem_widths`), then a 1x1 convolution ``proj`` to ``dim``:
+    ``[B, C, S, S] -> [B, (S/p)^2, dim]``, the token count of :class:`PatchEmbed` at the same patch size.
+
+    Xiao et al. take one transformer block off to keep the FLOPs; lrk keeps ``depth`` as configured (the
+    presets set it). ``patch_size`` must be a power of two >= 2 (the total stride of the stack)."""
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__(image_size, patch_size)
+        if not _power_of_two(patch_size):
+            raise ValueError(f"ConvStem needs a power-of-two patch size >= 2, not {patch_size}")
+        widths = conv_stem_widths(patch_size, dim)
+        channels = [in_chans, *widths]
+        self.convs = nn.Sequential(
+            *(
+                Conv2dNormActivation(c_in, c_out, kernel_size=3, stride=2, padding=1)
+                for c_in, c_out in pairwise(channels)
+            )
+        )
+        self.proj = nn.Conv2d(widths[-1], dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return self.proj(self.convs(x)).flatten(2).transpose(1, 2)
+
+
+def _power_of_two(p: int) -> bool:
+    return p >= 2 and not p & (p - 1)
+
+
+def check_conv_stem_patch(image_size: int, patch_size: int | str, resolved: int) -> None:
+    """``stem: conv`` needs a resolved patch size that is a power of two >= 2 (the stride of the stack of
+    stride-2 convolutions); otherwise a config error naming the valid patch sizes for ``image_size`` and the
+    nearest image sizes that work with the configured ``patch_size``."""
+    if _power_of_two(resolved):
+        return
+    valid = [p for p in range(2, image_size + 1) if _power_of_two(p) and image_size % p == 0]
+    near: list[int] = []
+    if patch_size == "auto" or _power_of_two(patch_size):  # type: ignore[arg-type]
+        for s in sorted(range(2, 2 * image_size + 17), key=lambda s: (abs(s - image_size), s)):
+            fits = s % patch_size == 0 if patch_size != "auto" else _power_of_two(_auto_patch(s))
+            if fits:
+                near.append(s)
+            if len(near) == 4:
+                break
+    sizes = f"image sizes near it that work: {sorted(near)}" if near else "no image size works with it"
+    raise LrkConfigError(
+        f"backbone.stem=conv is invalid for image_size={image_size} with patch_size={patch_size!r} (patch "
+        f"{resolved}): its stride-2 convolutions need a patch size that is a power of two >= 2 dividing the "
+        f"image size; valid patch sizes for {image_size}: {valid or 'none'}; with patch_size={patch_size!r}, "
+        f"{sizes} (or use stem=patch)"
+    )
 
 
 class Mlp(nn.Module):
@@ -151,20 +240,28 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+#: ``backbone.stem`` -> the module that turns images into patch tokens
+STEMS: dict[str, type[_TokenEmbed]] = {"patch": PatchEmbed, "conv": ConvStem}
+
+
 @register_backbone("vit")
 class VisionTransformer(nn.Module):
     """ViT for ``image_size`` x ``image_size`` images of ``in_chans`` channels; ``forward`` returns
     ``[B, num_classes]`` logits from the class token.
 
     ``distilled=True`` gives the DeiT layout (Touvron et al. 2021, Sec. 4): a distillation token beside
-    the class token, with its own head ``head_dist``. lrk has no teacher yet, so both tokens learn from
-    the hard labels, and the single output is DeiT's inference rule, the mean of the two heads' logits,
-    in train and eval alike (so a CE loss is taken on the mean, not DeiT's sum of one CE per head).
-    :meth:`forward_heads` returns the two heads apart for a future teacher loss.
+    the class token, with its own head ``head_dist``. The single output is DeiT's inference rule, the mean
+    of the two heads' logits, in train and eval alike. :meth:`forward_heads` returns the two heads apart:
+    with a teacher (``model.teacher``, :class:`lrk.lit.distillation.DistillationLoss`) the class head learns
+    from the labels and the distillation head from the teacher; without one, the CE is taken on the mean.
+
+    ``stem``: ``patch`` (ViT's patchify convolution, :class:`PatchEmbed`) or ``conv`` (:class:`ConvStem`).
     """
 
     #: classifier modules: a checkpoint whose shapes differ there (other num_classes) may skip them
     head_names = ("head", "head_dist")
+    #: the stem's modules (every conv below it): weight methods leave them out of their default targets
+    stem_names = ("patch_embed",)
 
     def __init__(
         self,
@@ -181,6 +278,7 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         distilled: bool = False,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         positive_int("num_classes", num_classes)
@@ -198,13 +296,19 @@ class VisionTransformer(nn.Module):
             ("drop_path_rate", drop_path_rate),
         ):
             probability(f"backbone.{key}", value)
-        patch_size = resolve_patch_size(image_size, patch_size)
+        if stem not in STEMS:
+            raise LrkConfigError(f"backbone.stem={stem!r} is invalid: valid stems are {', '.join(STEMS)}")
+        resolved = resolve_patch_size(image_size, patch_size)
+        if stem == "conv":
+            check_conv_stem_patch(image_size, patch_size, resolved)
+        patch_size = resolved
 
         self.num_classes = num_classes
         self.dim = dim
         self.distilled = distilled
         self.num_prefix_tokens = 2 if distilled else 1
-        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, dim)
+        self.stem = stem
+        self.patch_embed = STEMS[stem](image_size, patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if distilled else None
         self.pos_embed = nn.Parameter(

@@ -70,10 +70,15 @@ class RatioUnreachableWarning(UserWarning):
 
 
 def model_facts(model: nn.Module) -> dict[str, Any]:
-    """Model facts the default targets need: the stem (first Conv2d), the classifier head(s), and the layers
+    """Model facts the default targets need: the stem (first Conv2d; ``stems`` adds every module below the model's
+    ``stem_names``, ``declared_stems`` only those), the classifier head(s), and the layers
     inside factorized layers (never decomposed again)."""
     modules = list(model.named_modules())
     stem = next((n for n, m in modules if isinstance(m, nn.Conv2d)), None)
+    # modules below a name the model declares in ``stem_names`` (the ViT's conv stem ``patch_embed``: several
+    # convolutions); ``stems``: those and the first Conv2d
+    prefixes = tuple(getattr(model, "stem_names", ()))
+    declared = {n for n, _ in modules if any(n == p or n.startswith(p + ".") for p in prefixes)}
     linears = [n for n, m in modules if isinstance(m, nn.Linear)]
     heads = {n for n in CLASSIFIER_NAMES if n in dict(modules)}
     if linears:
@@ -82,7 +87,14 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
     for n, m in modules:
         if isinstance(m, FactorizedLayer):
             inside_factorized.update(c for c, _ in m.named_modules(prefix=n) if c != n)
-    return {"stem": stem, "heads": heads, "inside_factorized": inside_factorized}
+    stems = declared | ({stem} if stem is not None else set())
+    return {
+        "stem": stem,
+        "stems": stems,
+        "declared_stems": declared,
+        "heads": heads,
+        "inside_factorized": inside_factorized,
+    }
 
 
 class WeightMethod(DecompMethod):
@@ -131,7 +143,7 @@ class WeightMethod(DecompMethod):
 
     def is_default_target(self, name: str, module: nn.Module, facts: dict[str, Any]) -> bool:
         """Whether ``module`` is decomposed when ``targets`` is null (``facts``: :func:`model_facts`)."""
-        return name not in facts["heads"] and name != facts["stem"]
+        return name not in facts["heads"] and name not in facts["stems"]
 
     def problem(self, name: str, module: nn.Module) -> RankProblem:
         """The rank problem of one layer (cheap: spectra are computed lazily)."""

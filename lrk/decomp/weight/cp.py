@@ -108,7 +108,7 @@ class CPMethod(WeightMethod):
         return conv_support_error(module)
 
     def is_default_target(self, name: str, module: nn.Module, facts: dict[str, Any]) -> bool:
-        if name in facts["heads"] or name == facts["stem"]:
+        if name in facts["heads"] or name in facts["stems"]:
             return False
         return isinstance(module, nn.Linear) or module.kernel_size != (1, 1)
 

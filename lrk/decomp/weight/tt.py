@@ -67,7 +67,8 @@ class TTMethod(WeightMethod):
         return None
 
     def is_default_target(self, name: str, module: nn.Module, facts: dict[str, Any]) -> bool:
-        return name not in facts["heads"]
+        # TT decomposes ResNet's first convolution too (lrd_2x); a ViT's declared conv stem stays dense
+        return name not in facts["heads"] and name not in facts["declared_stems"]
 
     def shapes(self, name: str, module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_n, in_n = module.weight.shape[0], module.weight[0].numel()
