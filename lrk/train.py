@@ -30,7 +30,9 @@ from lrk.models import build_backbone
 from lrk.pipeline.checkpoints import resolve_checkpoint, restore_for_test
 from lrk.pipeline.schedules import run_schedule
 from lrk.pipeline.stages import RunState
+from lrk.pipeline.teacher import distillation_terms
 from lrk.summary import RunSummary
+from lrk.wandb_run import configure_loggers
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,12 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
         warmup_epochs=cfg.model.warmup_epochs,
         min_lr=cfg.model.min_lr,
         label_smoothing=cfg.model.label_smoothing,
+        mixup_alpha=cfg.model.get("mixup_alpha", 0.0),
+        cutmix_alpha=cfg.model.get("cutmix_alpha", 0.0),
+        ema_decay=cfg.model.get("ema_decay"),
+        loss_terms=distillation_terms(
+            cfg, model, datamodule.num_classes, datamodule.in_chans, datamodule.image_size
+        ),
     )
     lit.params_dense = (payload or {}).get("params_dense") or count_params(model)
     state = RunState(
@@ -119,7 +127,7 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
         method=method,
         summary=summary,
         ckpt_path=ckpt_path,
-        loggers=_instantiate_group(cfg, "logger"),
+        loggers=configure_loggers(cfg, _instantiate_group(cfg, "logger")),
         callbacks=_instantiate_callbacks(cfg),
         restored=payload,
         make_callbacks=lambda: _instantiate_callbacks(cfg),

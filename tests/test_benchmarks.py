@@ -34,6 +34,7 @@ QUICK_SECONDS = {
     "model_flops": 5,
     "rank_search_curve": 8,
     "sdrm_attention": 26,
+    "export_latency": 49,
     "sdrm_phases": 15,
     "tsvd": 3,
 }
