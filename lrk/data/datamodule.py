@@ -43,7 +43,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "image_size": 64,  # images are resized to image_size x image_size
     "val_fraction": 0.15,  # stratified share of the images held out for validation
     "class_weighting": "none",  # inverse: w_c = N / (K n_c) on the train split; none: all ones
-    "augment": True,  # random flips (and 90° rotations for defect images) on the train split
+    "augment": True,  # true: random flips (and 90° rotations for defect images) on the train split; false: none;
+    # strong: a random resized crop, small affine and brightness/contrast jitter before them (lrk.data.datasets)
     "seed": 0,  # split, subsample and shuffling seed (the root config's ${seed})
     "root": None,  # where the files are (datasets read from disk)
     "limit": None,  # use a stratified seeded subsample of at most this many images (quick runs)
@@ -82,7 +83,11 @@ class LrkDataModule(L.LightningDataModule):
         self._image_size: int = opts.req_integer("image_size", minimum=1)
         self.val_fraction: float = opts.fraction("val_fraction")
         self.class_weighting = opts.choice("class_weighting", ("inverse", "none"))
-        self.augment = bool(opts.flag("augment"))
+        augment = opts.raw("augment")
+        if augment not in (True, False, "strong"):
+            raise LrkConfigError(f"data.augment={augment!r} is invalid: valid values: true, false, strong")
+        self.augment = augment is not False
+        self.augment_strong = augment == "strong"
         self.seed: int = opts.req_integer("seed", minimum=0)
         self.limit = opts.integer("limit", minimum=1, optional=True)
         self.norm_samples: int = opts.req_integer("norm_samples", minimum=1)
@@ -387,7 +392,13 @@ class InMemoryDataModule(LrkDataModule):
 
             def make(split: str, augment: bool) -> Dataset:
                 return TensorImageDataset(
-                    split_images[split], labels[idx[split]], mean, std, augment=augment, rotate=self.rotate
+                    split_images[split],
+                    labels[idx[split]],
+                    mean,
+                    std,
+                    augment=augment,
+                    rotate=self.rotate,
+                    strong=self.augment_strong,
                 )
         else:
             assert paths is not None
@@ -406,6 +417,7 @@ class InMemoryDataModule(LrkDataModule):
                     std,
                     augment=augment,
                     rotate=self.rotate,
+                    strong=self.augment_strong,
                 )
 
         return Prepared(

@@ -14,6 +14,21 @@ from torch.utils.data import Dataset
 from lrk.data.images import decode_file
 
 
+def strong_transform(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``augment: strong`` before the flips, for grey defect images (no hue or saturation): a random resized crop
+    keeping 60-100 % of the area (aspect 0.8-1.25), a small affine (±10°, ±5 % shift) and brightness/contrast
+    jitter of ±20 %, on the float image in [0, 1] (torchvision.transforms.v2; the global torch RNG, as the flips)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+            v2.RandomAffine(degrees=10, translate=(0.05, 0.05)),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+        ]
+    )
+
+
 def augment_tensor(x: torch.Tensor, rotate: bool) -> torch.Tensor:
     """Random horizontal and vertical flips, and with ``rotate`` a random multiple of 90°: all eight
     symmetries of the square for defect images, which have no canonical orientation."""
@@ -30,14 +45,22 @@ def augment_tensor(x: torch.Tensor, rotate: bool) -> torch.Tensor:
 
 
 class _Normalised(Dataset):
-    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: bool, rotate: bool) -> None:
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], augment: bool, rotate: bool, strong: bool = False
+    ) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.augment = augment
         self.rotate = rotate
+        self.strong: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.strong_enabled = strong and augment
 
     def _finish(self, image: torch.Tensor) -> torch.Tensor:  # uint8 [C, H, W] -> normalised float32
         x = image.to(torch.float32).div_(255.0)
+        if self.strong_enabled:
+            if self.strong is None:
+                self.strong = strong_transform(x.shape[-1])
+            x = self.strong(x).clamp_(0.0, 1.0)
         if self.augment:
             x = augment_tensor(x, self.rotate)
         return x.sub_(self.mean).div_(self.std).contiguous()
@@ -55,8 +78,9 @@ class TensorImageDataset(_Normalised):
         *,
         augment: bool = False,
         rotate: bool = False,
+        strong: bool = False,
     ) -> None:
-        super().__init__(mean, std, augment, rotate)
+        super().__init__(mean, std, augment, rotate, strong)
         assert images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)
         self.images = images
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
@@ -84,8 +108,9 @@ class FileImageDataset(_Normalised):
         *,
         augment: bool = False,
         rotate: bool = False,
+        strong: bool = False,
     ) -> None:
-        super().__init__(mean, std, augment, rotate)
+        super().__init__(mean, std, augment, rotate, strong)
         assert len(paths) == len(labels)
         # one numpy string array, not a list of str objects: DataLoader workers read it without copy-on-write
         self.paths = np.asarray([str(p) for p in paths], dtype=np.str_)

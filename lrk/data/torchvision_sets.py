@@ -35,6 +35,11 @@ class TorchvisionDataModule(LrkDataModule):
     hflip: ClassVar[bool] = True
 
     def _check_options(self) -> None:
+        if self.augment_strong:
+            raise LrkConfigError(
+                f"data.augment=strong is invalid for data={self.name}: it is for image folders, lists and elpv; "
+                "torchvision datasets have their own train transforms: valid values here: true, false"
+            )
         self.download = bool(self.opts.flag("download"))
         root = self.opts.string("root", optional=True)
         if root is None:
