@@ -22,6 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from lrk.config import check_model_config
 from lrk.data import build_datamodule
 from lrk.decomp import build_method
+from lrk.distributed import (
+    RankConsistency,
+    check_devices,
+    dead_rank,
+    end_of_run,
+    is_global_zero,
+    on_rank_death,
+)
 from lrk.errors import LrkConfigError
 from lrk.lit.callbacks import MeasurementCallback, log_to_loggers
 from lrk.lit.module import LitClassifier
@@ -41,29 +49,47 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train and test one grid point described by ``cfg``; return its metrics.
 
     summary.json is written when the run starts (status ``running``) and when it ends
-    (``completed``, ``failed``, ``interrupted`` or ``pruned``, with the error).
+    (``completed``, ``failed``, ``interrupted`` or ``pruned``, with the error). Under DDP only rank zero writes
+    it (and the tables); a rank that dies marks it ``failed`` (:func:`lrk.distributed.on_rank_death`).
     """
     summary = RunSummary(Path(cfg.paths.output_dir), config=_config_dict(cfg))
-    summary.write()
+    writer = is_global_zero()  # ranks 1.. of a DDP run (started by Lightning) write nothing
+    if writer:
+        summary.write()
     try:
-        summary.metrics = _run(cfg, summary)
+        with on_rank_death(lambda message: _fail(summary, message)):
+            summary.metrics = _run(cfg, summary)
         summary.status = "completed"
         return summary.metrics
     except BaseException as exc:
         summary.status = _status_of(exc)
         summary.error = f"{type(exc).__name__}: {exc}"
+        died = dead_rank() if summary.status == "failed" else None
+        if died:  # rank zero's error is the consequence (a collective without its peer)
+            summary.error = f"{died}; on rank 0: {summary.error}"
         if summary.status == "interrupted":
             summary.error = f"interrupted (Ctrl+C or SIGTERM); resume with ckpt_path={summary.run_dir}"
+        if not writer and summary.status == "pruned":
+            return {}  # DDP: rank zero reports the pruned trial, the other ranks end quietly
         raise
     finally:
-        summary.write()
+        if writer:
+            summary.write()
         _finish_wandb(summary.status)
+        end_of_run(wait_s=60.0 if summary.status == "completed" else 5.0)
+
+
+def _fail(summary: RunSummary, message: str) -> None:
+    """Another DDP rank died: summary.json says so before every process is stopped."""
+    summary.status, summary.error = "failed", message
+    summary.write()
 
 
 def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
     run_dir = Path(cfg.paths.output_dir)
     # every check that can fail on bad input runs before the first training step
     check_model_config(cfg)
+    check_devices(cfg.trainer)
     runs_dir = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, runs_dir, run_dir)
     if not cfg.train and not cfg.test:
@@ -139,7 +165,10 @@ def _run(cfg: DictConfig, summary: RunSummary) -> dict[str, float]:
     for callback in trainer.callbacks:
         if isinstance(callback, MeasurementCallback):
             metrics.update(callback.metrics)
-    _write_tables(run_dir, state.loggers, summary, lit.class_names)
+        if isinstance(callback, RankConsistency) and callback.report:
+            summary.extra["distributed"] = dict(callback.report)
+    if is_global_zero():
+        _write_tables(run_dir, state.loggers, summary, lit.class_names)
     log_to_loggers(trainer, {k: v for k, v in metrics.items() if k.startswith(("model/", "time/", "mem/"))})
     if state.fitted:
         _check_optimized_metric(cfg, metrics)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lrk.pipeline.schedules import SCHEDULES, register_schedule, run_stages
 from lrk.pipeline import stages
+from lrk.pipeline.schedules import SCHEDULES, register_schedule, run_stages
 from lrk.summary import read_summary
 from lrk.train import run
 

@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lrk.data.datasets import FileImageDataset, TensorImageDataset
 from lrk.data.images import check_files, decode_files, report_bad
@@ -45,6 +45,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "class_weighting": "none",  # inverse: w_c = N / (K n_c) on the train split; none: all ones
     "augment": True,  # true: random flips (and 90° rotations for defect images) on the train split; false: none;
     # strong: a random resized crop, small affine and brightness/contrast jitter before them (lrk.data.datasets)
+    "shuffle": True,  # reshuffle the train split every epoch (false: split order, e.g. to compare DDP runs)
     "seed": 0,  # split, subsample and shuffling seed (the root config's ${seed})
     "root": None,  # where the files are (datasets read from disk)
     "limit": None,  # use a stratified seeded subsample of at most this many images (quick runs)
@@ -88,6 +89,7 @@ class LrkDataModule(L.LightningDataModule):
             raise LrkConfigError(f"data.augment={augment!r} is invalid: valid values: true, false, strong")
         self.augment = augment is not False
         self.augment_strong = augment == "strong"
+        self.shuffle = bool(opts.flag("shuffle"))
         self.seed: int = opts.req_integer("seed", minimum=0)
         self.limit = opts.integer("limit", minimum=1, optional=True)
         self.norm_samples: int = opts.req_integer("norm_samples", minimum=1)
@@ -203,13 +205,29 @@ class LrkDataModule(L.LightningDataModule):
         return torch.cuda.is_available()
 
     def _loader(self, dataset: Dataset, *, train: bool, workers: int | None = None) -> DataLoader:
+        """A loader of ``dataset``; under DDP (a trainer on several processes) with a ``DistributedSampler`` of its
+        own (rank r gets images r, r + W, ...; shuffled by ``data.seed`` and the epoch only with ``data.shuffle``),
+        which Lightning keeps (its own would always shuffle the train split)."""
         workers = self.num_workers if workers is None else workers
+        shuffle = train and self.shuffle
         n = len(dataset)  # type: ignore[arg-type]
+        trainer = getattr(self, "trainer", None)
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=shuffle,
+                seed=self.seed,
+            )
+            n = len(sampler)  # this rank's share
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            generator=self._shuffle if train else None,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
+            generator=self._shuffle if shuffle and sampler is None else None,
             # a last batch of one image breaks BatchNorm in training: drop only that one
             drop_last=train and n % self.batch_size == 1 and n > 1,
             num_workers=workers,

@@ -2,6 +2,12 @@
 
 Each callback keeps what it measured in ``self.metrics`` (read by ``lrk.train`` for summary.json) and
 sends it to every logger of the trainer. Names follow the metric table of design.md.
+
+Under DDP (one process per device) every rank measures; the loggers and summary.json are rank zero's, so:
+``model/*`` (ModelStats) are the same on every rank (the same model); ``time/*`` (PhaseTimer, InferenceBenchmark)
+are rank zero's own clocks (the ranks step in lock-step: gradients are synchronised every step; the inference
+timing runs on rank zero's share of the test split); ``mem/peak_mb`` (PeakMemory) is the largest peak of all ranks.
+EpochLog prints on rank zero only.
 """
 
 from __future__ import annotations
@@ -276,16 +282,23 @@ class PhaseTimer(MeasurementCallback):
 
 class PeakMemory(MeasurementCallback):
     """``mem/peak_mb``: peak device memory of the fit (:func:`lrk.measure.peak_memory_mb`: CUDA max allocated
-    since the fit started, or the process's peak RSS on the CPU)."""
+    since the fit started, or the process's peak RSS on the CPU); under DDP the largest of all ranks' peaks."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reset_peak_memory(pl_module.device)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._publish(trainer, {"mem/peak_mb": peak_memory_mb(pl_module.device)})
+        self._publish(trainer, {"mem/peak_mb": self._peak(trainer, pl_module)})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.metrics["mem/peak_mb"] = peak_memory_mb(pl_module.device)
+        self.metrics["mem/peak_mb"] = self._peak(trainer, pl_module)
+
+    @staticmethod
+    def _peak(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        peak = peak_memory_mb(pl_module.device)
+        if trainer.world_size > 1:  # a collective: every rank calls this hook
+            peak = float(pl_module.all_gather(torch.tensor(peak, dtype=torch.float64)).max())
+        return peak
 
 
 class InferenceBenchmark(MeasurementCallback):
@@ -320,7 +333,7 @@ class InferenceBenchmark(MeasurementCallback):
 
 class EpochLog(Callback):
     """One log line per epoch (``epoch 3/30: train/loss 0.41 val/acc 0.83 ... 12.1 s``), for log files and
-    terminals without a live progress bar."""
+    terminals without a live progress bar; on rank zero only under DDP (the metrics are already reduced)."""
 
     def __init__(self, keys: tuple[str, ...] = ("train/loss", "val/loss", "val/acc", "val/bal_acc")) -> None:
         self.keys = tuple(keys)
@@ -330,7 +343,11 @@ class EpochLog(Callback):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        values = trainer.callback_metrics
+        values = (
+            trainer.callback_metrics
+        )  # on every rank: reading them reduces the sync_dist metrics (a collective)
+        if not trainer.is_global_zero:
+            return
         shown = " ".join(f"{key} {float(values[key]):.4f}" for key in self.keys if key in values)
         elapsed = time.perf_counter() - self._start
         log.info("epoch %d/%s: %s (%.1f s)", trainer.current_epoch + 1, trainer.max_epochs, shown, elapsed)

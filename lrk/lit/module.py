@@ -145,6 +145,10 @@ class LitClassifier(L.LightningModule):
     ``test/loss test/acc test/bal_acc test/f1 test/recall/<class>`` and ``test/acc_majority`` (the accuracy of
     always predicting the test split's most frequent class: the trivial baseline); the test confusion matrix is kept
     in :attr:`test_confusion` (rows: true class, columns: predicted class).
+
+    Under DDP every logged tensor is reduced over the ranks (``sync_dist=True``: the mean of the ranks' epoch
+    means, the global mean when the ranks hold equal shares); the torchmetrics sync their states themselves, so
+    the values computed from them are already those of all ranks' samples.
     """
 
     def __init__(
@@ -232,45 +236,54 @@ class LitClassifier(L.LightningModule):
         loss = label_weight * self._loss(label_logits, targets)
         for term in self.loss_terms:
             value = term(self, images, targets, logits)
-            self.log(f"train/{term.name}", value.detach(), on_step=False, on_epoch=True)
+            self.log(f"train/{term.name}", value.detach(), on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + value
         self.head_logits = None
         self.train_acc(logits, targets.argmax(dim=1) if targets.ndim == 2 else targets)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.log("val/loss", self._loss(logits, labels), on_step=False, on_epoch=True, prog_bar=True)
+        self.log(
+            "val/loss",
+            self._loss(logits, labels),
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+        )
         self.val_metrics.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
-        self.log_dict(values, prog_bar=True)
+        self.log_dict(values, prog_bar=True, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_acc_best(values["val/acc"])
-            self.log("val/acc_best", self.val_acc_best.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.log("test/loss", self._loss(logits, labels), on_step=False, on_epoch=True)
+        self.log("test/loss", self._loss(logits, labels), on_step=False, on_epoch=True, sync_dist=True)
         self.test_metrics.update(logits, labels)
         self.test_recall.update(logits, labels)
         self.test_confmat.update(logits, labels)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
         recalls = self.test_recall.compute()
-        self.log_dict({f"test/recall/{name}": recalls[i] for i, name in enumerate(self.class_names)})
+        self.log_dict(
+            {f"test/recall/{name}": recalls[i] for i, name in enumerate(self.class_names)}, sync_dist=True
+        )
         confusion = self.test_confmat.compute()
         self.test_confusion = confusion.cpu().tolist()
         # the trivial baseline: always predict the test split's most frequent class
         counts = confusion.sum(dim=1).float()
-        self.log("test/acc_majority", counts.max() / counts.sum().clamp_min(1))
+        self.log("test/acc_majority", counts.max() / counts.sum().clamp_min(1), sync_dist=True)
         for metric in (self.test_metrics, self.test_recall, self.test_confmat):
             metric.reset()
 

@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lrk.decomp import DecompMethod, DecompReport
+from lrk.distributed import RankConsistency
+from lrk.layers.attention.stats import reduced_stats
 from lrk.lit.callbacks import log_to_loggers
 from lrk.lit.module import LitClassifier
 from lrk.pipeline.checkpoints import best_checkpoint, load_dense_weights, resolve_checkpoint
@@ -32,13 +34,14 @@ def make_trainer(
     callbacks: list[Callback] | None = None,
     **overrides: Any,
 ) -> L.Trainer:
-    """A Trainer from ``cfg.trainer``; every checkpoint it writes carries the model's structure."""
+    """A Trainer from ``cfg.trainer``; every checkpoint it writes carries the model's structure; under DDP every
+    fit and test starts with the same model on every rank (:class:`lrk.distributed.RankConsistency`)."""
     callbacks = list(callbacks or [])
     return instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
         logger=loggers or False,
-        callbacks=[*callbacks, StructureCheckpoint()],
+        callbacks=[*callbacks, StructureCheckpoint(), RankConsistency()],
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         **overrides,
     )
@@ -150,7 +153,8 @@ def fit(state: RunState) -> None:
     trainer.fit(state.lit, datamodule=state.datamodule, ckpt_path=state.ckpt_path)
     state.fitted = True
     state.metrics.update(scalars(trainer.callback_metrics))
-    state.metrics.update(state.method.runtime_metrics(state.model))
+    with reduced_stats(state.model):  # DDP: the statistics of every rank's forwards
+        state.metrics.update(state.method.runtime_metrics(state.model))
 
 
 def test(state: RunState) -> None:
@@ -191,7 +195,8 @@ def fit_phase(state: RunState, phase: str, max_epochs: int) -> dict[str, float]:
     state.fitted = True
     values = scalars(trainer.callback_metrics)
     state.metrics.update(values)
-    state.metrics.update(state.method.runtime_metrics(state.model))
+    with reduced_stats(state.model):
+        state.metrics.update(state.method.runtime_metrics(state.model))
     return values
 
 

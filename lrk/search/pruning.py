@@ -22,7 +22,9 @@ class OptunaPruningCallback(Callback):
     """Report ``trainer.callback_metrics[monitor]`` to the active trial after each validation epoch.
 
     Raises ``optuna.TrialPruned`` when the study's pruner (median, hyperband) says the trial is hopeless.
-    Outside a sweep, for multi-objective studies and under multi-process training it does nothing.
+    Outside a sweep and for multi-objective studies it does nothing. Under DDP only rank zero (the process the
+    sweeper gave the trial; ranks 1.. have none) reports, and its decision is broadcast, so every rank raises
+    ``TrialPruned`` at the same epoch (no rank is left waiting in a collective for the others).
     """
 
     def __init__(self, monitor: str) -> None:
@@ -31,10 +33,28 @@ class OptunaPruningCallback(Callback):
         self._warned = False
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or active_trial() is None:
+        if trainer.sanity_checking:
             return
-        if trainer.world_size > 1:
-            self._warn_once("pruning is off: it is not supported when training on several processes")
+        if trainer.world_size <= 1:
+            self._report(trainer)
+            return
+        # every rank takes part in the broadcast, trial or not: rank zero's decision stops all of them
+        pruned: str | None = None
+        if trainer.is_global_zero:
+            try:
+                self._report(trainer)
+            except Exception as exc:
+                if type(exc).__name__ != "TrialPruned":
+                    raise
+                pruned = str(exc)
+        pruned = trainer.strategy.broadcast(pruned, src=0)
+        if pruned is not None:
+            import optuna
+
+            raise optuna.TrialPruned(pruned)
+
+    def _report(self, trainer: Any) -> None:
+        if active_trial() is None:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
