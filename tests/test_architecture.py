@@ -23,7 +23,7 @@ ALLOWED = {
     "search": {"config"},
     "reporting": {"results", "summary"},
 }
-ANYONE = {"errors", "checks"}
+ANYONE = {"errors", "checks", "progress"}
 
 
 def module_name(path: Path) -> str:

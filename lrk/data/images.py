@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from lrk.progress import Progress as SharedProgress
 
 log = logging.getLogger(__name__)
 
@@ -80,55 +81,10 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-class Progress:
-    """A progress bar for long file passes (``total >= min_total``): tqdm on a terminal; elsewhere (logs, CI, a
-    pipe) a log line at every quarter and at most every ``interval_s`` seconds, readable without carriage
-    returns."""
+class Progress(SharedProgress):
+    """:class:`lrk.progress.Progress`, logging under this module's name (``lrk.data.images``)."""
 
-    def __init__(self, total: int, desc: str, *, min_total: int = 500, interval_s: float = 30.0) -> None:
-        self.total, self.desc, self.done = total, desc, 0
-        self.active = total >= min_total
-        self.tty = self.active and sys.stderr.isatty()
-        self.bar = None
-        if self.tty:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False)
-        self.interval_s = interval_s
-        self.start = self.last = time.perf_counter()
-        self.next_quarter = 1
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        if not self.active:
-            return
-        now = time.perf_counter()
-        quarter = self.done * 4 >= self.next_quarter * self.total
-        if quarter or now - self.last >= self.interval_s:
-            while self.next_quarter * self.total <= self.done * 4:
-                self.next_quarter += 1
-            self.last = now
-            log.info(
-                "%s: %d/%d (%.0f%%), %.1f s",
-                self.desc,
-                self.done,
-                self.total,
-                100 * self.done / self.total,
-                now - self.start,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    logger = log
 
 
 def _progress(total: int, desc: str) -> Progress:

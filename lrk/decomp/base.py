@@ -18,6 +18,7 @@ which runs ``select_targets -> prepare -> build -> swap -> finish``:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -30,8 +31,12 @@ from lrk.decomp.schedule_keys import SCHEDULE_KEYS, check_schedule_keys
 from lrk.decomp.targets import TargetSelector
 from lrk.errors import LrkConfigError
 from lrk.models.utils import replace_module
+from lrk.progress import progress
+
+log = logging.getLogger(__name__)
 
 METHODS: dict[str, type[DecompMethod]] = {}
+PROGRESS_MIN_LAYERS = 16  # fewer targets decompose quietly (a tiny model, a test)
 
 COMMON_KEYS: dict[str, Any] = {
     "name": None,
@@ -159,8 +164,12 @@ class DecompMethod:
         raise NotImplementedError
 
     def build(self, targets: list[tuple[str, nn.Module]], context: dict[str, Any]) -> Built:
-        """Every replacement, built before any is swapped in: (name, old module, new module)."""
-        return [(name, old, self.build_module(name, old, context)) for name, old in targets]
+        """Every replacement, built before any is swapped in: (name, old module, new module); a progress bar
+        (:mod:`lrk.progress`) over the layers from :data:`PROGRESS_MIN_LAYERS` of them."""
+        steps = progress(
+            targets, f"decomposing layers ({self.name})", min_total=PROGRESS_MIN_LAYERS, logger=log
+        )
+        return [(name, old, self.build_module(name, old, context)) for name, old in steps]
 
     def finish(self, model: nn.Module, built: Built, batches: list[Any], context: dict[str, Any]) -> Rows:
         """Report rows after the swap (:class:`~lrk.decomp.report.DecompReport` documents the keys)."""

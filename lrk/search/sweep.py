@@ -491,9 +491,18 @@ class OptunaSweep:
                     [*self.space.overrides(trial.params), *self.optuna_overrides(trial.number)]
                     for trial, _ in group
                 ]
+                trials = self.study.get_trials(deepcopy=False)
+                done = count_trials(trials).done
                 for trial, _ in group:
                     context.register(self.study_name, trial)
-                    log.info("trial %d: %s", trial.number, " ".join(self.space.overrides(trial.params)))
+                    log.info(  # k/n: the trial's slot of n_trials (k != number + 1 after failed or surplus trials)
+                        "trial %d (%d/%d, %d done): %s",
+                        trial.number,
+                        occupied_before(trials, trial.number) + 1,
+                        self.n_trials,
+                        done,
+                        " ".join(self.space.overrides(trial.params)),
+                    )
                 try:
                     returns = self.launcher.launch(overrides, initial_job_idx=group[0][0].number)
                 except Exception as exc:  # the launcher itself failed for these jobs

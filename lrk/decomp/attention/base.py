@@ -25,6 +25,7 @@ inputs of a few calibration batches. The shared parts live here:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -38,7 +39,11 @@ from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase, MultiHeadSelfAttention
 from lrk.layers.attention.stats import relative_error
 from lrk.measure import count_params
+from lrk.progress import progress
 
+log = logging.getLogger(__name__)
+
+PROGRESS_MIN_BATCHES = 8  # fewer calibration batches run quietly (a test, the default 4)
 VIT_BACKBONES = "backbone=vit_edge, vit_tiny, vit_small or deit_small (name: vit)"
 
 
@@ -71,17 +76,18 @@ def calibration_images(batch: Any) -> torch.Tensor:
     return batch
 
 
-def run_batches(model: nn.Module, batches: Iterable[Any]) -> int:
+def run_batches(model: nn.Module, batches: Iterable[Any], desc: str = "calibration batches") -> int:
     """Run ``batches`` through ``model`` in eval mode without gradients (e.g. so that swapped modules record their
     statistics on the calibration batches). The train/eval modes are restored afterwards, also on error. Returns
-    the number of batches run."""
+    the number of batches run. From :data:`PROGRESS_MIN_BATCHES` batches a progress bar (:mod:`lrk.progress`)
+    named ``desc`` shows the pass."""
     modes = {m: m.training for m in model.modules()}
     device = model_device(model)
     count = 0
     try:
         model.eval()
         with torch.no_grad():
-            for batch in batches:
+            for batch in progress(batches, desc, min_total=PROGRESS_MIN_BATCHES, logger=log):
                 model(calibration_images(batch).to(device))
                 count += 1
     finally:
@@ -95,6 +101,7 @@ def collect_attention_inputs(
     names: Sequence[str],
     batches: Iterable[Any],
     callback: Callable[[str, torch.Tensor], None],
+    desc: str = "calibration (attention inputs)",
 ) -> int:
     """Run ``batches`` through ``model`` in eval mode without gradients (:func:`run_batches`); for every attention
     module named in ``names``, call ``callback(name, x)`` with its input ``x`` ([B, T, D]) from a forward pre-hook.
@@ -110,7 +117,7 @@ def collect_attention_inputs(
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     try:
-        return run_batches(model, batches)
+        return run_batches(model, batches, desc)
     finally:
         for handle in handles:
             handle.remove()
@@ -165,7 +172,7 @@ def output_errors(
     try:
         for m in counterparts.values():
             m.eval()
-        run_batches(model, batches)
+        run_batches(model, batches, "measuring output errors")
     finally:
         for handle in handles:
             handle.remove()

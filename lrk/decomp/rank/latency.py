@@ -85,8 +85,10 @@ from lrk.layers.svd import SVDConv2d, SVDLinear
 from lrk.layers.tt import TTConv1x1, TTLinear
 from lrk.layers.tucker import TuckerConv2d
 from lrk.measure import Stopwatch, alternating_latency, needs_sync
+from lrk.progress import Progress
 
 log = logging.getLogger(__name__)
+PROGRESS_MIN_LAYERS = 4  # a progress bar over the searched layers from this many (each times many candidates)
 
 #: default path of the timing cache (``~`` expanded): one file per user, shared by runs and sweeps
 DEFAULT_CACHE = "~/.cache/lrk/rank_latency.json"
@@ -656,7 +658,8 @@ def time_forwards(
 
 @dataclass
 class LatencySearch:
-    """The rank search of one ``apply``: the settings, each target's input shape, the cache."""
+    """The rank search of one ``apply``: the settings, each target's input shape, the cache; a progress bar
+    (:mod:`lrk.progress`) over the searched layers from :data:`PROGRESS_MIN_LAYERS` of them."""
 
     settings: RankSearch
     shapes: dict[str, tuple[int, ...]]
@@ -667,6 +670,9 @@ class LatencySearch:
         self.device = resolve_device(self.settings.device)
         self.dtype, self.autocast = PRECISIONS[self.settings.precision]
         self.device_key = device_name(self.device)
+        self.progress = Progress(
+            len(self.shapes), "rank search (latency)", min_total=PROGRESS_MIN_LAYERS, logger=log
+        )
 
     def input_shape(self, name: str) -> tuple[int, ...]:
         shape = self.shapes[name]
@@ -702,6 +708,9 @@ class LatencySearch:
             selection = select_rank([ms for _, ms in curve], dense_ms, s.min_drop, positions)
         result = SearchResult(tuple(ranks), curve, dense_ms, selection, watch.seconds, len(missing))
         self.results[name] = result
+        self.progress.update()
+        if len(self.results) >= len(self.shapes):
+            self.progress.close()
         return result
 
     def _time(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lrk.checks import is_int
+from lrk.decomp import base as decomp_base
 from lrk.decomp.base import Built, register_method
 from lrk.decomp.rank.policy import FixedRank, RankProblem, Ranks
 from lrk.decomp.weight.base import WeightMethod
@@ -37,6 +38,7 @@ from lrk.layers.trawl import DECOMPOSITIONS, build_group
 from lrk.linalg.cp import cp_params, cp_rank_bound
 from lrk.linalg.tucker import mode_singular_values
 from lrk.measure import count_params
+from lrk.progress import Progress
 
 
 def group_key(module: nn.Module) -> tuple[str, tuple[int, ...]]:
@@ -179,6 +181,9 @@ class TrawlMethod(WeightMethod):
     def build(self, targets: list[tuple[str, nn.Module]], context: dict[str, Any]) -> Built:
         """Each group's layers share their factors: they are built together."""
         built: Built = []
+        bar = Progress(  # counted in layers, like the base build (lrk.decomp.base.PROGRESS_MIN_LAYERS)
+            len(targets), f"decomposing layers ({self.name})", min_total=decomp_base.PROGRESS_MIN_LAYERS
+        )
         for group, problem in context["groups"]:
             names, modules = [n for n, _ in group], [m for _, m in group]
             with torch.no_grad():
@@ -210,5 +215,7 @@ class TrawlMethod(WeightMethod):
                 row["group_size"] = len(names)
                 context["rows"][name] = row
                 built.append((name, module, layer))
+            bar.update(len(names))
+        bar.close()
         order = [n for n, _ in targets]
         return sorted(built, key=lambda b: order.index(b[0]))
