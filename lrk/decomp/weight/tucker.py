@@ -29,6 +29,13 @@ lcm(rank_multiple, N) and the rank problem counts the branched layer (C R1 + R1 
 input or output channels cannot branch: a config error names it (skip it, or lower N). ``branch_sweeps``
 (default 0 = the paper's split of one Tucker-2) refines the branches as a block-term decomposition
 (lrk.linalg.tucker.branched_tucker2).
+
+``weighting`` (data-aware SVD, ``decomp=svd``) supports only ``none`` here; anything else is a config error that
+names decomp=svd. Not for want of a formula: the input-channel mode could be whitened by the channel second
+moment, but the output error of a k x k conv depends on the *patch* second moment (C k^2 x C k^2), which is not
+a Kronecker product of a channel and a spatial factor, so a channel-mode whitening loses SVD-LLM's optimality
+guarantee, and HOSVD truncation is not optimal even unweighted; a weighted Tucker-2 needs its own (measured)
+study. FWSVD's row weights would apply soundly to the output mode; that is left for a later change.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from torch import nn
 from lrk.checks import is_int, is_number
 from lrk.decomp.base import register_method
 from lrk.decomp.rank.policy import RankPolicy, RankProblem, Ranks
-from lrk.decomp.weight.svd import SVDMethod
+from lrk.decomp.weight.svd import WEIGHTING_KEYS, SVDMethod
 from lrk.errors import LrkConfigError
 from lrk.layers.base import FactorizedLayer, describe
 from lrk.layers.branched_tucker import BranchedTuckerConv2d
@@ -120,7 +127,14 @@ class TuckerMethod(SVDMethod):
 
     supported = "Conv2d with groups=1 (Tucker-2 for k x k, SVD for 1x1) and Linear (SVD)"
     factor_roles: ClassVar[tuple[str, ...]] = ("first", "core", "last")  # Tucker-2 + SVD (lrk.decomp.freeze)
-    extra_keys: ClassVar[dict[str, Any]] = {"beta": 1.0, "n_iter_max": 0, "branches": 1, "branch_sweeps": 0}
+    extra_keys: ClassVar[dict[str, Any]] = {
+        "beta": 1.0,
+        "n_iter_max": 0,
+        "branches": 1,
+        "branch_sweeps": 0,
+        **WEIGHTING_KEYS,
+    }
+    weightings: ClassVar[tuple[str, ...]] = ("none",)  # module docstring: why not activation / asvd / fisher
     generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
         "exact": {"energy": 1.0},
         "lossy": {"rank": 1},
@@ -131,6 +145,7 @@ class TuckerMethod(SVDMethod):
             {"rank": 2, "skip": ["no_such_layer"]},
             {"rank": 3, "branches": 2},
             {"rank": 2, "branches": 0},
+            {"rank": 2, "weighting": "activation"},
         ],
     }
 
