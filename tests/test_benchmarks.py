@@ -35,6 +35,7 @@ QUICK_SECONDS = {
     "rank_search_curve": 8,
     "sdrm_attention": 26,
     "export_latency": 49,
+    "sdrm_distributed": 22,
     "sdrm_phases": 15,
     "tsvd": 3,
 }

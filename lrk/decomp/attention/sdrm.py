@@ -4,8 +4,9 @@ seeds/sdrm_paper.txt sections 3-4). The computation, and where lrk reads the pap
 
 This module is the method: it validates the keys of conf/decomp/sdrm.yaml once (``energy`` phi or ``rank``,
 ``solver``, ``svd_batch_size``, ``block_size``, ``subspace``, ``head_split``, ``factored``, ``adamatrix``,
-``monitor``), checks what needs the model before anything changes (block size and rank against the token count T
-and, for ``head_split=input``, against d/h), fits the frozen basis of
+``monitor``, ``distributed_heads``), checks what needs the model before anything changes (block size and rank
+against the token count T and, for ``head_split=input``, against d/h; with ``distributed_heads`` the process group
+and the head count against its world size), fits the frozen basis of
 ``subspace=calibrated`` on the attention inputs of the calibration batches (their Gram matrices summed, then eigh),
 and reports per layer what the rank rule did on the calibration batches. :func:`sdrm_metrics` collects the figures
 of the t-SVDs inside the fit's forwards (``time/rr_s``, ``decomp/rank_mean``, ...).
@@ -19,12 +20,21 @@ t-SVD of all d features, the same numbers as the batched heads; it is *not* the 
 auto where r < d/h); same numbers either way. The default split stays ``projected``: the input split is a different
 (smaller) model, which drops the off-diagonal qkv blocks of a dense model (see experiments/sdrm_paper/README.md for
 its measured accuracy).
+
+``distributed_heads`` (false | true): every SDRM attention spreads its heads over the ranks of the default
+``torch.distributed`` process group (section 4: heads on different devices; gloo on CPU, nccl on GPU), all ranks on
+the same input: rank k computes heads [k h/W, (k+1) h/W), the per-head outputs are all-gathered and W^O applied on
+every rank (:mod:`lrk.layers.attention.distributed`, docs/distributed_heads.md: the bytes each rank sends). The
+group must exist before the method is built (``WORLD_SIZE`` > 1 without one is an error); without a group (or with
+one rank) the model runs as one process, which is logged. It is model parallelism: it cannot share a group with
+data-parallel DDP, whose ranks see different batches.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any, ClassVar
 
@@ -41,6 +51,7 @@ from lrk.decomp.attention.base import (
 from lrk.decomp.base import Built, Rows, register_method
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.dense import AttentionBase
+from lrk.layers.attention.distributed import group_ready, valid_world_sizes, world_size
 from lrk.layers.attention.sdrm import (
     DEFAULT_BLOCK_BUDGET_MB,
     DEFAULT_SOLVER,
@@ -149,6 +160,32 @@ def check_tokens(
                 f"decomp.rank={rank} is invalid for this model: the t-SVD of Y = reshape(X, (b t, d)) has at "
                 f"most min(b t, d) = {limit} components ({where}); use a rank in [1, {limit}]"
             )
+
+
+def check_process_group() -> int:
+    """``distributed_heads=true``: the world size W of the default process group (1 without one). WORLD_SIZE > 1
+    in the environment without an initialised group is an error (the ranks would each run all heads alone)."""
+    if group_ready():
+        return world_size()
+    env = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    launched = int(env) if env.isdigit() else None
+    if launched is None or launched > 1:
+        raise LrkConfigError(
+            f"decomp.distributed_heads=true is invalid here: WORLD_SIZE={env} but no torch.distributed process "
+            "group is initialised; call torch.distributed.init_process_group (gloo on CPU, nccl on GPU) before "
+            "decomp=sdrm is built, or run one process (WORLD_SIZE unset or 1)"
+        )
+    return 1
+
+
+def check_world(name: str, heads: int, world: int) -> None:
+    """``distributed_heads=true``: the world size must split the module's heads evenly."""
+    if heads % world:
+        raise LrkConfigError(
+            f"decomp.distributed_heads=true is invalid for '{name}' on a process group of world size {world}: its "
+            f"h={heads} heads do not split evenly over {world} ranks; valid world sizes (the divisors of h): "
+            f"{valid_world_sizes(heads)}"
+        )
 
 
 def check_adamatrix(options: Any, rank: int | None, energy: float | None) -> dict[str, Any]:
@@ -260,6 +297,7 @@ class SDRMMethod(AttentionSwapMethod):
         "head_split": "projected",
         "factored": "auto",
         "monitor": False,
+        "distributed_heads": False,
         "adamatrix": {},
     }
     generic_cases: ClassVar[dict[str, Any]] = {  # tests/test_methods_generic.py
@@ -273,6 +311,7 @@ class SDRMMethod(AttentionSwapMethod):
             {"targets": ["blocks.*.mlp"]},
             {"head_split": "output"},
             {"factored": "maybe"},
+            {"distributed_heads": "yes"},
         ],
     }
 
@@ -298,7 +337,7 @@ class SDRMMethod(AttentionSwapMethod):
             c["head_split"],
             c["factored"],
         )
-        for key in ("block_keys", "head_loop", "monitor"):
+        for key in ("block_keys", "head_loop", "monitor", "distributed_heads"):
             if not isinstance(c[key], bool):
                 raise LrkConfigError(f"decomp.{key}={c[key]!r} is invalid: it must be true or false")
         options = check_adamatrix(c["adamatrix"] or {}, rank, energy)
@@ -320,8 +359,11 @@ class SDRMMethod(AttentionSwapMethod):
             "head_split": c["head_split"],
             "factored": c["factored"],
             "monitor": c["monitor"],
+            "distributed_heads": c["distributed_heads"],
             "adamatrix": options,
         }
+        if c["distributed_heads"]:
+            check_process_group()  # before anything trains (stage=post trains the dense model first)
 
     def prepare(
         self, model: nn.Module, targets: list[tuple[str, AttentionBase]], batches: list[Any]
@@ -336,6 +378,23 @@ class SDRMMethod(AttentionSwapMethod):
             if s["head_split"] == "input":
                 check_heads(name, module.dim, module.num_heads, s["rank"])
             check_tokens(s["block_size"], s["rank"], s["svd_batch_size"], tokens, module.dim)
+        if s["distributed_heads"]:
+            world = check_process_group()
+            for name, module in targets:
+                check_world(name, module.num_heads, world)
+            if world == 1:
+                log.info(
+                    "decomp.distributed_heads=true without a process group of more than one rank: every SDRM "
+                    "attention runs all its heads in this one process"
+                )
+            else:
+                log.info(
+                    "decomp.distributed_heads=true: %d SDRM attention modules spread their heads over %d ranks "
+                    "(this is rank %d)",
+                    len(targets),
+                    world,
+                    torch.distributed.get_rank(),
+                )
         context: dict[str, Any] = {"grams": {}, "tokens": {}, "seconds": {}}
         if s["subspace"] != "calibrated":
             return context

@@ -80,6 +80,12 @@ phase; ``time/rr_s``) and its own wall time to ``stats.forward_seconds``. lrk's 
 forwards as ``time/mha_s``, which therefore *includes* the t-SVD; the paper's MHA phase is ``time/mha_s`` minus
 ``time/rr_forward_s`` over the same forwards. :func:`sdrm_metrics` collects the figures of every SDRM module of a model.
 
+``distributed_heads=True`` (section 4: heads on different devices): with an initialised ``torch.distributed``
+group of W > 1 ranks, rank k computes heads [k h/W, (k+1) h/W) (the input split: their own X_i and t-SVDs; the
+projected split's shared t-SVD on every rank), the per-head outputs are all-gathered and W^O applied on every rank
+(:mod:`lrk.layers.attention.distributed`: the autograd functions, the bytes sent). The factored order's folded W^O
+is not used there (the gather carries the d/W head outputs). Without a group it runs as one process.
+
 No hidden work in the forward: the solvers return V_r and S without U (``compute_u=False``: the Gram solver then
 forms no m x r product), so X V_r is formed once per chunk (it is U_r S_r, and carries the gradient); a batch-mode
 module has no buffer beyond the dense attention's (the basis buffers exist for ``subspace=calibrated`` only); the
@@ -107,6 +113,7 @@ from lrk.layers.attention.blockwise import (
     blockwise_attention,
 )
 from lrk.layers.attention.dense import MultiHeadSelfAttention, split_heads
+from lrk.layers.attention.distributed import copy_to_heads, gather_heads, group_ready, head_range
 from lrk.layers.attention.stats import ModuleStats
 from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
 from lrk.linalg.adamatrix import adamatrix as adamatrix_svd
@@ -140,6 +147,10 @@ class SDRMStats(ModuleStats):
     fallbacks: int = 0  # AdaMatrix diverged: the exact gram solver was used
     clamped: int = 0  # a chunk had fewer rows than the fixed rank: rank cut to min(b t, d)
     rr_seconds: float = 0.0  # factorization time inside forwards (SDRM's RR phase)
+    gathers: int = 0  # distributed_heads: all-gathers of the head outputs (forwards) ...
+    gather_bytes: int = 0  # ... and the bytes this rank sent in them
+    reduces: int = 0  # distributed_heads: all-reduces of the input gradient (backwards) ...
+    reduce_bytes: int = 0  # ... and the bytes this rank sent in them (ring all-reduce)
     fit_seconds: float = 0.0  # calibration time in apply (subspace=calibrated)
     forward_seconds: float = 0.0  # whole forwards
     last_block: int = 0
@@ -219,6 +230,7 @@ class SDRMAttention(MultiHeadSelfAttention):
     monitor: bool = False
     head_split: str = "projected"
     factored: str | bool = "auto"
+    distributed_heads: bool = False
     _basis_r: int = 0
     _basis_e: float = 0.0
     _basis_ranks: tuple[int, ...] = ()
@@ -243,6 +255,7 @@ class SDRMAttention(MultiHeadSelfAttention):
         head_split: str = "projected",
         factored: str | bool = "auto",
         monitor: bool = False,
+        distributed_heads: bool = False,
         layer_name: str = "attn",
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
@@ -271,6 +284,7 @@ class SDRMAttention(MultiHeadSelfAttention):
             raise ValueError(f"{who}: factored={factored!r} is invalid: it must be 'auto', True or False")
         args.positive(who, "block_budget_mb", block_budget_mb)
         args.flag(who, "monitor", monitor)
+        args.flag(who, "distributed_heads", distributed_heads)
         self.energy = None if rank is not None else float(energy)  # type: ignore[arg-type]
         self.rank = rank
         self.solver = solver
@@ -284,6 +298,7 @@ class SDRMAttention(MultiHeadSelfAttention):
         self.head_split = head_split
         self.factored = factored
         self.monitor = monitor
+        self.distributed_heads = distributed_heads
         self.layer_name = layer_name
         heads, hd = self.num_heads, self.head_dim
         if head_split == "input":  # the paper's per-head projections on d/h input features
@@ -338,6 +353,7 @@ class SDRMAttention(MultiHeadSelfAttention):
             "head_split": self.head_split,
             "factored": self.factored,
             "monitor": self.monitor,
+            "distributed_heads": self.distributed_heads,
             "layer_name": self.layer_name,
         }
 
@@ -347,6 +363,7 @@ class SDRMAttention(MultiHeadSelfAttention):
             f"dim={self.dim}, heads={self.num_heads}, {policy}, solver={self.solver}, "
             f"svd_batch_size={self.svd_batch_size}, block_size={self.block_size}, subspace={self.subspace}, "
             f"head_split={self.head_split}, factored={self.factored}"
+            + (", distributed_heads=True" if self.distributed_heads else "")
         )
 
     # --- the calibrated basis ----------------------------------------------------------------------------
@@ -456,14 +473,18 @@ class SDRMAttention(MultiHeadSelfAttention):
             "before this layer; lower model.lr or check the data"
         )
 
-    def _bases(self, x: torch.Tensor) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    def _bases(
+        self, x: torch.Tensor, heads: slice = slice(None)
+    ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """Per chunk: (first image, end image, V_r, Z = X_chunk V_r), recording the statistics (Algorithm 1,
         Eqs. 2-3). ``head_split='projected'``: V_r [d, r], Z [c, T, r]; ``'input'``: V [h, d/h, r_max] (head i's
         columns zero beyond its rank r_i), Z [c, h, T, r_max] = X_i V_{r,i} per head. Z = U_r S_r of Eq. 14
         (exactly, for an SVD) and carries the gradient to x. It is the only product of a chunk's tokens with V_r
-        in the forward: the solvers return V_r and S without U (``compute_u=False``), and Eq. 14 reuses Z."""
+        in the forward: the solvers return V_r and S without U (``compute_u=False``), and Eq. 14 reuses Z.
+        ``heads`` (input split): the t-SVDs of these heads only (a rank's heads with ``distributed_heads``); the
+        projected split's one t-SVD of all d features serves every head."""
         if self.head_split == "input":
-            return self._head_bases(x)
+            return self._head_bases(x, heads)
         batch, tokens, dim = x.shape
         st = self.stats
         if self.subspace == "calibrated":
@@ -501,22 +522,27 @@ class SDRMAttention(MultiHeadSelfAttention):
             "with calibration batches (decomp.calibration_batches >= 1) or call fit_basis()"
         )
 
-    def _head_bases(self, x: torch.Tensor) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    def _head_bases(
+        self, x: torch.Tensor, heads_slice: slice = slice(None)
+    ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """:meth:`_bases` of ``head_split='input'`` (Section 3.2: X divided into X_i in R^{b x t x d/h}, a t-SVD
         of every head's own features): the gram solver factorizes all heads at once
         (:func:`~lrk.linalg.tsvd.head_gram_svd`), the other solvers head by head; ranks differ per head and are
-        zero-padded to the largest (zero columns of V add nothing to any product)."""
+        zero-padded to the largest (zero columns of V add nothing to any product). ``heads_slice``: only these
+        heads (their features X_i, their t-SVDs, their statistics)."""
         batch, tokens, _ = x.shape
-        heads, hd = self.num_heads, self.head_dim
+        first = range(self.num_heads)[heads_slice].start
+        hd = self.head_dim
         st = self.stats
-        xh = x.reshape(batch, tokens, heads, hd)
+        xh = x.reshape(batch, tokens, self.num_heads, hd)[:, :, heads_slice]
+        heads = xh.shape[2]
         if self.subspace == "calibrated":
             if not self._basis_ranks:
                 raise self._no_basis()
-            ranks = self._basis_ranks
+            ranks = self._basis_ranks[heads_slice]
             r_max = max(ranks)
             keep = torch.arange(r_max, device=x.device) < torch.tensor(ranks, device=x.device)[:, None]
-            V = self.basis[:, :, :r_max].to(x.dtype) * keep[:, None, :].to(x.dtype)
+            V = self.basis[heads_slice, :, :r_max].to(x.dtype) * keep[:, None, :].to(x.dtype)
             Z = torch.einsum("bthi,hir->bhtr", xh, V)
             energies: list[float | None] = [None] * heads
             if self.monitor:
@@ -550,7 +576,7 @@ class SDRMAttention(MultiHeadSelfAttention):
                 V = res.V
                 rows = [(res.ranks[h], 0, res.energies[h], res.rel_errors[h]) for h in range(heads)]
             else:
-                results = [self._factorize(Yh[h], head=h) for h in range(heads)]
+                results = [self._factorize(Yh[h], head=first + h) for h in range(heads)]
                 r_max = max(t.rank for t in results)
                 V = Yh.new_zeros(heads, hd, r_max)
                 for h, t in enumerate(results):
@@ -710,7 +736,143 @@ class SDRMAttention(MultiHeadSelfAttention):
             )
         return self.block_size  # type: ignore[return-value]
 
+    # --- heads spread over the ranks of a process group (distributed_heads) ----------------------------------
+    def shard(self) -> tuple[int, int] | None:
+        """(rank, world size) of the default process group when this module shards its heads over it
+        (``distributed_heads`` and an initialised group of W > 1 ranks), None when it runs all heads itself.
+        ValueError when W does not divide the head count."""
+        if not self.distributed_heads or not group_ready():
+            return None
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return None
+        rank = torch.distributed.get_rank()
+        try:
+            head_range(self.num_heads, rank, world)
+        except ValueError as exc:
+            raise ValueError(f"SDRMAttention '{self.layer_name}' (distributed_heads): {exc}") from exc
+        return rank, world
+
+    def _forward_sharded(self, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        """Heads [k h/W, (k+1) h/W) on rank k, their outputs all-gathered, then W^O on every rank (section 4's
+        heads on different devices; :mod:`lrk.layers.attention.distributed`). The projected split's t-SVD of
+        all d features is computed on every rank: every rank needs V_r for its heads, the t-SVD is on the
+        critical path either way (a broadcast from one rank would make the others wait for it, then send d r
+        numbers per chunk), and ranks that disagree in the last bits still produce consistent outputs (each rank
+        uses its own V_r for its own heads). The input split computes only the rank's own heads' t-SVDs."""
+        batch, tokens, _ = x.shape
+        sync = x.is_cuda
+        start = clock(sync)
+        local = head_range(self.num_heads, rank, world)
+        x = copy_to_heads(x, None, self.stats)  # backward: dL/dX summed over the ranks' heads
+        bases = self._bases(x, local)
+        per = local.stop - local.start
+        if self.block_control is not None:
+            block = self.block_control.choose(batch, per, tokens, tokens, x.element_size())
+        else:
+            block = self._block(batch, tokens, x)
+        drop = self.attn_drop if self.training else 0.0
+        core_start = clock(sync)
+        out = self._local_heads(bases, local, block, drop, tokens)
+        if self.block_control is not None:
+            self.block_control.update(block or tokens, clock(sync) - core_start, batch * tokens)
+        out = gather_heads(out, None, self.stats)  # [B, T, d]: every rank's heads, in rank order
+        out = self.proj_drop(self.proj(out))  # Eq. 19 on every rank (replicated)
+        self.stats.forwards += 1
+        self.stats.last_block = block or tokens
+        self.stats.forward_seconds += clock(sync) - start
+        return out
+
+    def _local_heads(
+        self,
+        bases: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+        heads: slice,
+        block: int | None,
+        drop: float,
+        tokens: int,
+    ) -> torch.Tensor:
+        """The outputs of ``heads`` (n consecutive heads) before W^O, [B, T, n d/h], in the order the module is
+        configured for (factored or formed, batched or one head at a time). The factored order does not fold
+        W^O in here (it is applied after the gather): head i's output is (softmax(.) Z_i) P_v,i^T + b_v,i."""
+        n, hd, dim = heads.stop - heads.start, self.head_dim, self.dim
+        factored = self._use_factored(bases)
+        scale = hd**-0.5
+        W, b = self.qkv.weight, self.qkv.bias
+        cols = torch.arange(heads.start * hd, heads.stop * hd, device=W.device)
+        parts = []
+        for _, _, V, Z in bases:
+            c = Z.shape[0]
+            if self.head_split == "input":  # Z [c, n, T, r], V [n, d/h, r]
+                if factored:
+                    P = W[heads] @ V  # [n, 3 hd, r]
+                    Pq, Pk, Pv = P.split(hd, dim=1)
+                    q = Z @ (Pq.transpose(1, 2) @ Pk * scale)
+                    values, Pv_t, bv = Z, Pv.transpose(1, 2), None  # Pv_t [n, r, hd]
+                    if b is not None:
+                        bq, _, bv = b[heads].reshape(n, 3, 1, hd).unbind(1)
+                        q = q + (bq @ Pk)[None] * scale
+                        if drop > 0:  # dropped rows do not sum to 1: carry b_v through the values
+                            values = torch.cat([Z, Z.new_ones(*Z.shape[:-1], 1)], dim=-1)
+                            Pv_t, bv = torch.cat([Pv_t, bv], dim=1), None
+                    A = blockwise_attention(q, Z, values, block, self.block_keys, drop, scale=1.0)
+                    o = A @ Pv_t if bv is None else A @ Pv_t + bv  # [c, n, T, hd]
+                elif self.head_loop:
+                    outs = []
+                    for i in range(n):
+                        h = slice(heads.start + i, heads.start + i + 1)
+                        q, k, v = self._head_qkv(Z[:, i : i + 1], V[i : i + 1], h)
+                        outs.append(blockwise_attention(q, k, v, block, self.block_keys, drop))
+                    o = torch.cat(outs, dim=1)
+                else:
+                    q, k, v = self._head_qkv(Z, V, heads)
+                    o = blockwise_attention(q, k, v, block, self.block_keys, drop)
+                parts.append(o.transpose(1, 2).reshape(c, tokens, n * hd))
+                continue
+            # projected split: Z [c, T, r], V [d, r]; the heads' rows of W^Q, W^K, W^V
+            rows = torch.cat([cols, cols + dim, cols + 2 * dim])
+            Wl, bl = W.index_select(0, rows), None if b is None else b.index_select(0, rows)
+            if factored:
+                r = Z.shape[-1]
+                Pq, Pk, Pv = (Wl @ V).reshape(3, n, hd, r).unbind(0)
+                M = Pq.transpose(1, 2) @ Pk * scale  # [n, r, r]
+                q = (Z @ M.transpose(0, 1).reshape(r, n * r)).reshape(c, tokens, n, r).transpose(1, 2)
+                values, Pv_t, bv = Z, Pv.transpose(1, 2), None  # Pv_t [n, r, hd]
+                if bl is not None:
+                    bq, _, bv = bl.reshape(3, n, 1, hd).unbind(0)
+                    q = q + (bq @ Pk).reshape(n, 1, r) * scale
+                    if drop > 0:
+                        values = torch.cat([Z, Z.new_ones(c, tokens, 1)], dim=-1)
+                        Pv_t, bv = torch.cat([Pv_t, bv], dim=1), None
+                k = values.shape[-1]
+                if block is None:  # one attention over the n T queries (shared keys/values)
+                    A = F.scaled_dot_product_attention(
+                        q.reshape(c, 1, n * tokens, r), Z[:, None], values[:, None], dropout_p=drop, scale=1.0
+                    ).reshape(c, n, tokens, k)
+                else:
+                    keys = Z[:, None].expand(c, n, tokens, r)
+                    vals = values[:, None].expand(c, n, tokens, k)
+                    A = blockwise_attention(q, keys, vals, block, self.block_keys, drop, scale=1.0)
+                o = A @ Pv_t if bv is None else A @ Pv_t + bv  # [c, n, T, hd]
+                parts.append(o.transpose(1, 2).reshape(c, tokens, n * hd))
+            elif self.head_loop:
+                outs = []
+                for i in range(n):
+                    one = torch.arange(i * hd, (i + 1) * hd, device=W.device)
+                    idx = torch.cat([one, one + n * hd, one + 2 * n * hd])
+                    qkv = F.linear(Z, Wl[idx] @ V, None if bl is None else bl[idx])
+                    q, k, v = qkv.split(hd, dim=-1)
+                    outs.append(blockwise_attention(q, k, v, block, self.block_keys, drop))
+                parts.append(torch.cat(outs, dim=-1))
+            else:
+                q, k, v = split_heads(F.linear(Z, Wl @ V, bl), n)
+                o = blockwise_attention(q, k, v, block, self.block_keys, drop)
+                parts.append(o.transpose(1, 2).reshape(c, tokens, n * hd))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shard = self.shard()
+        if shard is not None:
+            return self._forward_sharded(x, *shard)
         batch, tokens, dim = x.shape
         sync = x.is_cuda
         start = clock(sync)
