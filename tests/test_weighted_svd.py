@@ -332,3 +332,32 @@ def test_latency_rank_search_works_with_a_weighting() -> None:
         else:
             assert row["weighting"] == "activation" and row["ranks"] == row["rank_chosen"]
     assert logit_error(model, dense, mlp_data(32, 2)) < 1.0
+
+
+def test_fisher_runs_get_labelled_calibration_batches(tiny_cfg, monkeypatch):
+    """stage compress hands (images, labels) pairs to a method that needs labels (fisher), images otherwise;
+    the labels are the train split's, in split order."""
+    from lrk.data import build_datamodule
+    from lrk.decomp.weight import calibration
+    from lrk.train import run
+
+    cfg = tiny_cfg("decomp=svd", "decomp.weighting=fisher", "decomp.ratio=0.5", "trainer.max_epochs=1")
+    dm = build_datamodule(cfg.data)
+    dm.prepare()
+    pairs, plain = dm.calibration_batches(2, labels=True), dm.calibration_batches(2)
+    assert all(isinstance(b, tuple) and len(b) == 2 for b in pairs)
+    torch.testing.assert_close(torch.cat([b[0] for b in pairs]), torch.cat(plain))
+    expected = torch.as_tensor(dm.split_labels["train"][: sum(len(b) for b in plain)])
+    torch.testing.assert_close(torch.cat([b[1] for b in pairs]), expected)
+
+    seen = []
+    original = calibration.fisher_row_importance
+
+    def spy(model, targets, batches):
+        sums, labelled = original(model, targets, batches)
+        seen.append(labelled)
+        return sums, labelled
+
+    monkeypatch.setattr(calibration, "fisher_row_importance", spy)
+    run(cfg)
+    assert seen == [True]

@@ -244,19 +244,20 @@ class LrkDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._ready().datasets["test"], train=False)
 
-    def calibration_batches(self, n: int) -> list[torch.Tensor]:
+    def calibration_batches(self, n: int, labels: bool = False) -> list[Any]:
         """The first ``n`` image batches of the train split, in split order, without augmentation (inputs
-        for data-dependent decompositions). Fewer when the train split is shorter."""
+        for data-dependent decompositions); ``(images, labels)`` pairs with ``labels`` (Fisher-weighted SVD).
+        Fewer when the train split is shorter."""
         if n < 0:
             raise LrkConfigError(f"calibration batches n={n} is invalid: it must be >= 0")
-        batches: list[torch.Tensor] = []
+        batches: list[Any] = []
         if n == 0:
             return batches
         loader = DataLoader(
             self._ready().calibration, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )
-        for images, _ in loader:
-            batches.append(images)
+        for images, targets in loader:
+            batches.append((images, targets) if labels else images)
             if len(batches) == n:
                 break
         return batches

@@ -126,7 +126,10 @@ def compress(state: RunState) -> None:
     checkpoints (it rides in their structure payload)."""
     count = state.cfg.decomp.get("calibration_batches")
     count = 4 if count is None else int(count)  # decomp.calibration_batches: null -> 4
-    batches = state.datamodule.calibration_batches(count)
+    # the methods that need labels (fisher-weighted SVD) get (images, labels) pairs
+    batches = state.datamodule.calibration_batches(
+        count, labels=bool(getattr(state.method, "needs_labels", False))
+    )
     record_report(state, state.method.apply(state.model, batches))
 
 
