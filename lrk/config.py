@@ -60,3 +60,11 @@ def check_model_config(cfg: DictConfig) -> None:
         )
     if cfg.optimized_metric is None or not str(cfg.optimized_metric).strip():
         raise LrkConfigError("optimized_metric is empty: name a logged metric, e.g. val/bal_acc or val/acc")
+    strategy = cfg.trainer.get("strategy")
+    strategy_name = str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy or "").lower()
+    if (cfg.get("decomp") or {}).get("distributed_heads") is True and "ddp" in strategy_name:
+        raise LrkConfigError(
+            "decomp.distributed_heads=true with trainer.strategy=ddp is invalid: distributed heads shard one "
+            "batch's heads over ranks that must all see that batch, while DDP gives each rank its own batch; "
+            "use one of the two (trainer=cpu/gpu with distributed_heads, or distributed_heads=false with DDP)"
+        )

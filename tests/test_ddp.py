@@ -368,3 +368,13 @@ def test_an_interrupted_ddp_fit_resumes_from_its_run_dir(tmp_path):
         if row.split(",")[header.index("train/loss")]
     }
     assert epochs == {"2"}, "the resumed fit trains only the missing epoch"
+
+
+def test_distributed_heads_with_ddp_is_one_clear_error_before_training(tiny_cfg):
+    from lrk.summary import read_summary
+    from lrk.train import run
+
+    cfg = tiny_cfg("trainer=ddp_cpu", "decomp=sdrm", "decomp.distributed_heads=true")
+    with pytest.raises(LrkConfigError, match=r"distributed_heads=true with trainer\.strategy=ddp is invalid"):
+        run(cfg)
+    assert read_summary(cfg.paths.output_dir)["status"] == "failed"
