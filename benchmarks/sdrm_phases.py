@@ -44,6 +44,7 @@ VARIANTS: list[tuple[str, dict[str, Any] | None]] = [
     ("SDRM phi=0.9 (paper)", {"name": "sdrm", "energy": 0.9}),
     ("SDRM phi=0.7", {"name": "sdrm", "energy": 0.7}),
     ("SDRM calibrated phi=0.9", {"name": "sdrm", "energy": 0.9, "subspace": "calibrated"}),
+    ("SDRM head_split=input phi=0.9", {"name": "sdrm", "energy": 0.9, "head_split": "input"}),
     ("TRAWL", {"name": "trawl"}),
 ]
 
@@ -61,12 +62,21 @@ def load_data(batch_size: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
     return train, val_images, dm
 
 
-def build_variants(dm: Any, calibration: list[torch.Tensor]) -> dict[str, tuple[nn.Module, float]]:
+def build_variants(
+    dm: Any, calibration: list[torch.Tensor], checkpoint: str | None = None
+) -> dict[str, tuple[nn.Module, float]]:
+    """The variants from one dense vit_edge: freshly initialised, or the trained weights of ``checkpoint`` (a
+    dense vit_edge run dir or .ckpt, loaded with lrk.load_model) -- SDRM's rank depends on the weights."""
     torch.manual_seed(0)
-    backbone = OmegaConf.load(CONF / "backbone" / "vit_edge.yaml")
-    dense = build_backbone(
-        backbone, num_classes=dm.num_classes, in_chans=dm.in_chans, image_size=dm.image_size
-    )
+    if checkpoint is not None:
+        import lrk
+
+        dense = lrk.load_model(checkpoint)
+    else:
+        backbone = OmegaConf.load(CONF / "backbone" / "vit_edge.yaml")
+        dense = build_backbone(
+            backbone, num_classes=dm.num_classes, in_chans=dm.in_chans, image_size=dm.image_size
+        )
     models = {}
     for label, cfg in VARIANTS:
         model = copy.deepcopy(dense)
@@ -104,13 +114,17 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 on the shared 2-core machine)"
     )
+    parser.add_argument(
+        "--checkpoint",
+        help="a trained dense vit_edge run dir or .ckpt on 64 px elpv (default: untrained weights)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats = 3
     torch.set_num_threads(args.threads)
     train, val_images, dm = load_data(args.batch)
     images, labels = train[0]
-    models = build_variants(dm, [images])
+    models = build_variants(dm, [images], args.checkpoint)
     clocks = {
         label: ModuleTimer(m for m in model.modules() if isinstance(m, AttentionBase))
         for label, (model, _) in models.items()
@@ -129,7 +143,8 @@ def main() -> None:
     load = load_average()
     console = Console(width=150)
     console.print(
-        f"SDRM paper phases, vit_edge on elpv 64 px, batch {args.batch}, {args.threads} thread(s), min of "
+        f"SDRM paper phases, vit_edge on elpv 64 px ({'trained: ' + args.checkpoint if args.checkpoint else 'untrained'}), "
+        f"batch {args.batch}, {args.threads} thread(s), min of "
         f"{args.repeats} rounds; shared CPU, load average {load:.2f} (noisy)"
     )
     table = Table("variant", "train step", "MHA", "RR (in MHA)", "MHA - RR", "Val", "apply s", "step ms")
@@ -160,7 +175,17 @@ def main() -> None:
             f"{1000 * b['step']:.1f}",
         )
     console.print(table)
-    print(json.dumps({"benchmark": "sdrm_phases", "batch": args.batch, "load": load, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sdrm_phases",
+                "batch": args.batch,
+                "checkpoint": args.checkpoint,
+                "load": load,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

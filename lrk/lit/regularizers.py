@@ -68,7 +68,25 @@ def _zero(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=logits.dtype, device=logits.device)
 
 
-class OrthogonalityRegularizer:
+class _LayerRegularizer:
+    """A LossTerm ``weight * value(model)`` over the model's SVD-form layers; ``weight=0`` computes nothing."""
+
+    name = ""
+    weight = 0.0
+
+    def value(self, model: nn.Module) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def __call__(
+        self, lit: Any, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        if self.weight == 0:
+            return _zero(logits)
+        value = self.value(lit.model)
+        return _zero(logits) if value is None else self.weight * value
+
+
+class OrthogonalityRegularizer(_LayerRegularizer):
     """``weight * sum over the SVD-form layers of ||U^T U - I||_F^2 + ||V^T V - I||_F^2``; logged
     ``train/reg_orth``. With ``weight=0`` nothing is computed (the logged term is 0)."""
 
@@ -82,19 +100,11 @@ class OrthogonalityRegularizer:
         terms = [orthogonality(u, v) for u, _, v in (m.svd_factors() for m in svd_form_layers(model))]
         return torch.stack(terms).sum() if terms else None
 
-    def __call__(
-        self, lit: Any, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
-    ) -> torch.Tensor:
-        if self.weight == 0:
-            return _zero(logits)
-        value = self.value(lit.model)
-        return _zero(logits) if value is None else self.weight * value
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight:g})"
 
 
-class SparsityRegularizer:
+class SparsityRegularizer(_LayerRegularizer):
     """``weight * sum over the SVD-form layers of R(s)`` (``kind``: l1 | hoyer | hoyer_square, :func:`sparsity`);
     logged ``train/reg_sparse``. With ``weight=0`` nothing is computed (the logged term is 0)."""
 
@@ -112,14 +122,6 @@ class SparsityRegularizer:
         """The unweighted sum over the layers (None without any SVD-form layer)."""
         terms = [sparsity(s, self.kind) for _, s, _ in (m.svd_factors() for m in svd_form_layers(model))]
         return torch.stack(terms).sum() if terms else None
-
-    def __call__(
-        self, lit: Any, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
-    ) -> torch.Tensor:
-        if self.weight == 0:
-            return _zero(logits)
-        value = self.value(lit.model)
-        return _zero(logits) if value is None else self.weight * value
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight:g}, kind={self.kind!r})"

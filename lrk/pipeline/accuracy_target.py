@@ -23,15 +23,14 @@ import math
 import time
 from typing import Any
 
-from lrk.measure import count_params
 from lrk.pipeline.checkpoints import best_checkpoint
 from lrk.pipeline.multistage import (
     Snapshot,
     compress_with,
     diverged,
     finetune,
-    flops_per_image,
     frozen_copy,
+    measured_row,
     precheck,
     start,
     teacher_terms,
@@ -83,14 +82,8 @@ def accuracy_target(state: RunState) -> None:
             "point": point,
             "level": level,
             "policy": key,
-            "params": count_params(state.model),
-            "flops": flops_per_image(state, example),
-            "val_acc": val.get("val/acc"),
-            "val_bal_acc": val.get("val/bal_acc"),
-            "val_loss": val.get("val/loss"),
-            "seconds": time.perf_counter() - began,
+            **measured_row(state, example, val, began),
             "feasible": ok,
-            "ranks": {r["name"]: r.get("ranks") for r in state.report.rows} if state.report else {},
         }
         state.summary.search_points.append(row)
         # feasible points first, then the smallest level (strongest compression), then the highest accuracy;

@@ -122,6 +122,20 @@ def flops_per_image(state: RunState, example: torch.Tensor | None) -> float | No
     return float(count_flops(state.model, example.to(device)).per_image().total)
 
 
+def measured_row(state: RunState, example: Any, val: dict[str, float], began: float) -> dict[str, Any]:
+    """The figures of one stage or search point: params and FLOPs of the model as it is now, its validation
+    metrics, the seconds since ``began`` and the report's ranks."""
+    return {
+        "params": count_params(state.model),
+        "flops": flops_per_image(state, example),
+        "val_acc": val.get("val/acc"),
+        "val_bal_acc": val.get("val/bal_acc"),
+        "val_loss": val.get("val/loss"),
+        "seconds": time.perf_counter() - began,
+        "ranks": {r["name"]: r.get("ranks") for r in state.report.rows} if state.report else {},
+    }
+
+
 def example_batch(state: RunState) -> torch.Tensor | None:
     batches = state.datamodule.calibration_batches(1)
     return batches[0][:8] if batches else None
@@ -317,13 +331,7 @@ def multistage(state: RunState) -> None:
         val = validate(state)
         row = {
             "stage": stage,
-            "params": count_params(state.model),
-            "flops": flops_per_image(state, example),
-            "val_acc": val.get("val/acc"),
-            "val_bal_acc": val.get("val/bal_acc"),
-            "val_loss": val.get("val/loss"),
-            "seconds": time.perf_counter() - began,
-            "ranks": {r["name"]: r.get("ranks") for r in state.report.rows} if state.report else {},
+            **measured_row(state, example, val, began),
             "ratio": sorted({t["ratio"] for t in targets.values() if "ratio" in t}) or None,
             "kept": True,
             "reason": None,
