@@ -141,7 +141,7 @@ def _fmt(value: float | None, digits: int) -> str:
 def _digits(metric: str) -> int:
     if metric.startswith(("time/", "mem/")):
         return 1 if not metric.endswith("_ms") else 2
-    if metric.startswith("model/params"):
+    if metric.startswith(("model/params", "model/flops")):
         return 0
     return 3
 
