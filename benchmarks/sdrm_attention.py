@@ -88,7 +88,8 @@ def load_trained(checkpoint: Path, batch: int, inputs: int, block: int) -> tuple
     from lrk.pipeline.structure import load_model
 
     model = load_model(checkpoint)
-    summary = json.loads((checkpoint.parent.parent / "summary.json").read_text())
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent
+    summary = json.loads((run_dir / "summary.json").read_text())
     cfg = OmegaConf.create(summary["config"]["data"])
     cfg.batch_size, cfg.num_workers, cfg.augment = batch, 0, False
     dm = build_datamodule(cfg)

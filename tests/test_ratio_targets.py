@@ -33,6 +33,7 @@ from lrk.decomp.weight.tucker import tucker_problem
 from lrk.errors import LrkConfigError
 from lrk.layers.cp import CPConv2d, CPLinear
 from lrk.layers.svd import SVDConv2d, SVDLinear
+from lrk.layers.svd_train import SVDTrainConv2d, SVDTrainLinear
 from lrk.layers.trawl import TrawlConv2d, TrawlLinear, TrawlShared
 from lrk.layers.tt import TTConv1x1, TTLinear
 from lrk.layers.tucker import TuckerConv2d
@@ -157,6 +158,11 @@ SKELETONS = {
     "cp": lambda module, ranks, problem: CPConv2d(module, ranks[0]),
     "cp_linear": _skeleton_cp_linear,
     "tt": _skeleton_tt,
+    "svd_train": lambda module, ranks, problem: SVDTrainLinear(
+        module.in_features, module.out_features, ranks[0], module.bias is not None
+    ),
+    "svd_train_channel": lambda module, ranks, problem: SVDTrainConv2d(module, ranks[0], "channel"),
+    "svd_train_spatial": lambda module, ranks, problem: SVDTrainConv2d(module, ranks[0], "spatial"),
 }
 GROUP_SKELETONS = {"trawl_tucker": _skeleton_trawl, "trawl_cp": _skeleton_trawl}
 
