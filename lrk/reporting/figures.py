@@ -117,11 +117,17 @@ def rank_map_figure(ranks: Mapping[str, Mapping[str, float]]) -> Figure:
         for i, layer in enumerate(layers):
             if layer in ranks[method]:
                 grid[i, j] = ranks[method][layer]
-    fig = Figure(figsize=(2.5 + 1.1 * len(methods), 1.5 + 0.28 * len(layers)), layout="constrained")
+    # a variant's label is one line per config value ("svd, ratio=0.5" -> two lines): long labels stay readable
+    labels = [method.replace(", ", "\n") for method in methods]
+    label_lines = max(label.count("\n") + 1 for label in labels) if labels else 1
+    fig = Figure(
+        figsize=(2.5 + 1.6 * len(methods), 1.5 + 0.28 * len(layers) + 0.15 * label_lines),
+        layout="constrained",
+    )
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="rank")
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize="small")
+    ax.set_xticks(range(len(methods)), labels, fontsize="x-small")
     ax.set_yticks(range(len(layers)), layers, fontsize="x-small")
     if grid.size <= 400:
         for i, j in zip(*np.nonzero(np.isfinite(grid)), strict=True):

@@ -238,8 +238,9 @@ def _prepare(out: Path) -> None:
 
 def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.png", out / f"{stem}.svg"]
-    fig.savefig(paths[0], dpi=110)
-    fig.savefig(paths[1])
+    # tight: the legends drawn right of the axes are part of the picture
+    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
     return paths
 
 
@@ -249,7 +250,7 @@ def _slug(text: str) -> str:
 
 def png_base64(fig: Figure) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
