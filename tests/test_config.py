@@ -34,7 +34,7 @@ def test_every_other_choice_composes(tmp_path: Path, group: str):
 def test_defaults_are_the_headline_run(tmp_path: Path):
     cfg = compose_train([], tmp_path)
     assert (cfg.data.name, cfg.data.source, cfg.decomp.name) == ("surface_defect", "elpv", "none")
-    assert cfg.backbone.name == "vit" and cfg.backbone.dim == 128  # vit_edge
+    assert (cfg.backbone.name, cfg.backbone.stem, cfg.backbone.depth) == ("vit", "conv", 4)  # vit_hybrid
     assert cfg.logger.wandb.offline is True and "csv" in cfg.logger
 
 

@@ -44,7 +44,7 @@ from lrk.progress import progress
 log = logging.getLogger(__name__)
 
 PROGRESS_MIN_BATCHES = 8  # fewer calibration batches run quietly (a test, the default 4)
-VIT_BACKBONES = "backbone=vit_edge, vit_tiny, vit_small or deit_small (name: vit)"
+VIT_BACKBONES = "backbone=vit_hybrid, vit_edge, vit_tiny, vit_small or deit_small (name: vit)"
 
 
 def token_count(model: nn.Module) -> int | None:
