@@ -22,6 +22,7 @@ LABELS = {
     "model/params": "parameters",
     "model/flops": "FLOPs per image",
     "time/infer_ms": "latency per test batch (ms)",
+    "time/fit_s": "fit time (s)",
     "time/rr_s": "rank reduction",
     "time/train_s": "training steps",
     "time/val_s": "validation",
