@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -78,7 +79,8 @@ def tradeoff_figure(
     fig = Figure(figsize=(10.0, 4.6), layout="constrained")
     ax = fig.add_subplot()
     front = pareto_front([p.x for p in points], [p.y for p in points])
-    for point, on_front in zip(points, front, strict=True):
+    colours = matplotlib.colormaps["tab10" if len(points) <= 10 else "tab20"].colors
+    for i, (point, on_front) in enumerate(zip(points, front, strict=True)):
         ax.errorbar(
             point.x,
             point.y,
@@ -87,6 +89,7 @@ def tradeoff_figure(
             fmt="o" if on_front else "s",
             capsize=3,
             label=f"{point.label} (n={point.n})",
+            color=colours[i % len(colours)],
             markeredgecolor="black" if on_front else None,
         )
     best = sorted((p for p, f in zip(points, front, strict=True) if f), key=lambda p: p.x)
