@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sized
-from typing import ClassVar, TypeVar
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,6 @@ class Progress:
     """A progress bar over ``total`` steps, shown when ``total >= min_total``: tqdm on a terminal; elsewhere a log
     line at every quarter and at most every ``interval_s`` seconds (readable without carriage returns)."""
 
-    logger: ClassVar[logging.Logger] = log  # a subclass may log under its own module's name
-
     def __init__(
         self,
         total: int,
@@ -44,7 +42,7 @@ class Progress:
         logger: logging.Logger | None = None,
     ) -> None:
         self.total, self.desc, self.done = total, desc, 0
-        self.log = logger or type(self).logger
+        self.log = logger or log
         self.active = total > 0 and total >= min_total
         self.tty = self.active and sys.stderr.isatty()
         self.bar = None

@@ -10,7 +10,7 @@ import torch
 from data_fixtures import data_cfg, make_defect_tree, write_flat, write_image
 
 from lrk.data import build_datamodule
-from lrk.data.images import Progress
+from lrk.data.images import file_progress
 from lrk.errors import LrkConfigError
 
 torch.set_num_threads(1)
@@ -269,7 +269,7 @@ def test_cache_size_limit_switches_to_lazy(tmp_path) -> None:
 
 
 def test_progress_logs_quarters_when_not_a_terminal(caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="lrk.data.images"), Progress(1000, "decoding x") as bar:
+    with caplog.at_level(logging.INFO, logger="lrk.data.images"), file_progress(1000, "decoding x") as bar:
         for _ in range(1000):
             bar.update()
     lines = [r.getMessage() for r in caplog.records]

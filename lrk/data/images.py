@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lrk.progress import Progress as SharedProgress
+from lrk.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,9 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-class Progress(SharedProgress):
-    """:class:`lrk.progress.Progress`, logging under this module's name (``lrk.data.images``)."""
-
-    logger = log
-
-
-def _progress(total: int, desc: str) -> Progress:
-    return Progress(total, desc)
+def file_progress(total: int, desc: str) -> Progress:
+    """A :class:`lrk.progress.Progress` over ``total`` image files, logging under this module's name."""
+    return Progress(total, desc, logger=log)
 
 
 def _try(func, path: Path, *args):  # (result, None) or (None, reason)
@@ -146,7 +141,7 @@ def decode_files(
     log.info("%s: %d files at %dx%d", desc, len(paths), size, size)
     with (
         ThreadPoolExecutor(max_workers=workers or default_workers()) as pool,
-        _progress(len(paths), desc) as bar,
+        file_progress(len(paths), desc) as bar,
     ):
         for i, (arr, reason) in enumerate(pool.map(lambda p: _try(decode_file, p, size, channels), paths)):
             if arr is None:
@@ -172,7 +167,7 @@ def check_files(
     bad: list[tuple[str, str]] = []
     with (
         ThreadPoolExecutor(max_workers=workers or default_workers()) as pool,
-        _progress(len(paths), desc) as bar,
+        file_progress(len(paths), desc) as bar,
     ):
         for i, (_, reason) in enumerate(pool.map(lambda p: _try(check_file, p), paths)):
             if reason is None:
