@@ -194,16 +194,15 @@ class SVDMethod(WeightMethod):
         SVD-factorized targets (lrk.decomp.weight.calibration) and their weightings."""
         self._weightings = {}
         context = super().prepare(model, targets, batches)
-        weighted = [(n, m) for n, m in targets if self.is_weighted(m)]
-        if self.weighting != "none" and weighted:
+        if self.weighting != "none" and targets:
             start = time.perf_counter()
-            stats = statistics_for(self.weighting, model, weighted, batches)
-            self._weightings = {name: self.make_weighting(stats[name]) for name, _ in weighted}
+            stats = statistics_for(self.weighting, model, targets, batches)
+            self._weightings = {name: self.make_weighting(stats[name]) for name, _ in targets}
             log.info(
                 "decomp=%s weighting=%s: statistics of %d layers from %d calibration batches in %.1f s",
                 self.name,
                 self.weighting,
-                len(weighted),
+                len(targets),
                 len(batches),
                 time.perf_counter() - start,
             )
@@ -217,27 +216,22 @@ class SVDMethod(WeightMethod):
             return Weighting.columns(column_scale(stat, self.asvd_alpha, self.weighting_eps))
         return Weighting.rows(row_weight(stat, self.weighting_eps))
 
-    def is_weighted(self, module: nn.Module) -> bool:
-        """Whether ``weighting`` applies to ``module`` (every SVD target here)."""
-        return True
-
     def support_error(self, name: str, module: nn.Module) -> str | None:
         if isinstance(module, nn.Linear):
             return None
         return conv_support_error(module)
 
     def problem(self, name: str, module: nn.Module) -> RankProblem:
-        if self.weighting == "none" or not self.is_weighted(module):
+        if self.weighting == "none":
             return svd_problem(name, module)
         return svd_problem(name, module, weighting=lambda: self._weightings[name])
 
     def build_layer(
         self, name: str, module: nn.Module, ranks: Ranks, problem: RankProblem
     ) -> FactorizedLayer:
-        if self.weighting == "none" or not self.is_weighted(module):
+        if self.weighting == "none":
             return build_svd(module, ranks[0], problem.notes.get("usv"))
         problem.spectra()  # the weighted decomposition (cached in notes["usv"], notes["spectrum"])
-        problem.notes["weighted_spectrum"] = problem.notes["spectrum"]
         return build_svd(module, ranks[0], problem.notes["usv"])
 
     def row(
@@ -252,8 +246,7 @@ class SVDMethod(WeightMethod):
         """The base row; a weighted layer adds ``weighting`` and ``weighted_rel_error`` (Eckart-Young tail of
         the weighted spectrum at the built rank)."""
         row = super().row(name, module, new, ranks, seconds, problem)
-        spectrum = problem.notes.pop("weighted_spectrum", None)
-        if spectrum is not None:
+        if self.weighting != "none":
             row["weighting"] = self.weighting
-            row["weighted_rel_error"] = eckart_young_error(spectrum, ranks[0])
+            row["weighted_rel_error"] = eckart_young_error(problem.spectra()[0], ranks[0])
         return row
