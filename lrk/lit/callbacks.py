@@ -343,9 +343,8 @@ class EpochLog(Callback):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        values = (
-            trainer.callback_metrics
-        )  # on every rank: reading them reduces the sync_dist metrics (a collective)
+        # on every rank: reading them reduces the sync_dist metrics (a collective)
+        values = trainer.callback_metrics
         if not trainer.is_global_zero:
             return
         shown = " ".join(f"{key} {float(values[key]):.4f}" for key in self.keys if key in values)
