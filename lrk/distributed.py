@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrk.errors import LrkConfigError
+from lrk.layers.attention.distributed import group_ready, rank_of
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +61,14 @@ _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_S
 def global_rank() -> int:
     """This process's global rank: the process group's when one is initialised, else Lightning's (read from the
     launcher's environment variables ``RANK`` / ``LOCAL_RANK`` / ``SLURM_PROCID``; 0 outside DDP)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank())
+    if group_ready():
+        return rank_of()
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def is_global_zero() -> bool:
     """True in the process that writes the run's files (rank zero; the only process outside DDP)."""
     return global_rank() == 0
-
-
-def world_size() -> int:
-    """Processes in the default process group (1 without one)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_world_size())
-    return 1
 
 
 @contextmanager
@@ -124,7 +118,7 @@ def end_of_run(wait_s: float = 60.0) -> None:
             )
             proc.kill()
             proc.wait()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if group_ready():
         torch.distributed.destroy_process_group()
     for key in _LAUNCH_ENV:
         if key in env:

@@ -113,7 +113,7 @@ from lrk.layers.attention.blockwise import (
     blockwise_attention,
 )
 from lrk.layers.attention.dense import MultiHeadSelfAttention, split_heads
-from lrk.layers.attention.distributed import copy_to_heads, gather_heads, group_ready, head_range
+from lrk.layers.attention.distributed import copy_to_heads, gather_heads, head_range, rank_of, world_size
 from lrk.layers.attention.stats import ModuleStats
 from lrk.linalg.adamatrix import PAPER_ENERGY, AdaMatrixSolver
 from lrk.linalg.adamatrix import adamatrix as adamatrix_svd
@@ -741,12 +741,10 @@ class SDRMAttention(MultiHeadSelfAttention):
         """(rank, world size) of the default process group when this module shards its heads over it
         (``distributed_heads`` and an initialised group of W > 1 ranks), None when it runs all heads itself.
         ValueError when W does not divide the head count."""
-        if not self.distributed_heads or not group_ready():
-            return None
-        world = torch.distributed.get_world_size()
+        world = world_size() if self.distributed_heads else 1
         if world == 1:
             return None
-        rank = torch.distributed.get_rank()
+        rank = rank_of()
         try:
             head_range(self.num_heads, rank, world)
         except ValueError as exc:

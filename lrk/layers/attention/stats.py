@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from lrk.layers.attention.distributed import world_size
+
 
 @dataclass
 class ModuleStats:
@@ -51,9 +53,10 @@ def reduce_across_ranks(stats: list[ModuleStats]) -> list[ModuleStats]:
     ``stats`` whose numeric fields are combined over the ranks of the default process group by :func:`reduce_op`;
     a field that is None on a rank (``last_rel_error`` before any forward) is left out of its mean. Without a
     process group of several ranks: ``stats`` themselves."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    world = world_size()
+    if world < 2:
         return stats
+    dist = torch.distributed
     entries = [(i, f.name) for i, st in enumerate(stats) for f in fields(st)]
     local = [getattr(stats[i], name) for i, name in entries]
     numeric = [isinstance(v, int | float | torch.Tensor) and not isinstance(v, bool) for v in local]
@@ -66,9 +69,7 @@ def reduce_across_ranks(stats: list[ModuleStats]) -> list[ModuleStats]:
         if dist.get_backend() == "nccl"
         else torch.device("cpu")
     )
-    gathered = [
-        torch.zeros(2, len(entries), dtype=torch.float64, device=device) for _ in range(dist.get_world_size())
-    ]
+    gathered = [torch.zeros(2, len(entries), dtype=torch.float64, device=device) for _ in range(world)]
     dist.all_gather(gathered, torch.stack([values, present]).to(device))
     table = torch.stack(gathered).cpu()  # [ranks, 2, fields]
     out = [copy.copy(st) for st in stats]
