@@ -6,6 +6,7 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,19 @@ from lrk.config import register_resolvers
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
+
+#: the toy Hydra app of the sweeper's and the progress tests
+SWEEP_APP_DIR = Path(__file__).resolve().parent / "sweep_app"
+
+
+def load_sweep_app() -> Any:
+    """tests/sweep_app/app.py as a module, whether or not tests/ is a package."""
+    spec = importlib.util.spec_from_file_location("lrk_sweep_app", SWEEP_APP_DIR / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # a tiny, fast grid point: synthetic defects, a one-block ViT, two epochs, CSV logging only
 TINY = [

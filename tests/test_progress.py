@@ -3,15 +3,14 @@ work) and its users: decomposing layers, calibration passes, the latency rank se
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
 import torch
+from conftest import SWEEP_APP_DIR, load_sweep_app
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
@@ -193,17 +192,6 @@ def test_latency_rank_search_logs_each_layer(caplog, redirected, monkeypatch) ->
 
 
 # -- the sweep ----------------------------------------------------------------------------------------
-APP_DIR = Path(__file__).resolve().parent / "sweep_app"
-
-
-def _toy_task() -> Any:
-    spec = importlib.util.spec_from_file_location("lrk_sweep_app_progress", APP_DIR / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.task
-
-
 def toy_sweep(tmp_path: Path, *extra: str) -> None:
     overrides = [
         "hparams_search=toy",
@@ -215,11 +203,14 @@ def toy_sweep(tmp_path: Path, *extra: str) -> None:
         *extra,
     ]
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(APP_DIR / "conf"), version_base="1.3", job_name="app"):
+    with initialize_config_dir(str(SWEEP_APP_DIR / "conf"), version_base="1.3", job_name="app"):
         hydra = GlobalHydra.instance().hydra
         assert hydra is not None
         hydra.multirun(
-            config_name="config", task_function=_toy_task(), overrides=overrides, with_log_configuration=False
+            config_name="config",
+            task_function=load_sweep_app().task,
+            overrides=overrides,
+            with_log_configuration=False,
         )
 
 

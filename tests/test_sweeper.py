@@ -7,7 +7,6 @@ Most sweeps run in this process through Hydra's own multirun; the tests of sever
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from conftest import SWEEP_APP_DIR, load_sweep_app
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -35,19 +35,7 @@ from lrk.search.space import parse_search_space
 from lrk.search.storage import HEARTBEAT_ATTR, Liveness, open_storage
 from lrk.search.sweep import SweepAborted
 
-APP_DIR = Path(__file__).resolve().parent / "sweep_app"
-
-
-def _load_app() -> Any:
-    """tests/sweep_app/app.py as a module, whether or not tests/ is a package."""
-    spec = importlib.util.spec_from_file_location("lrk_sweep_app", APP_DIR / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-APP = _load_app()
+APP = load_sweep_app()
 score_of, task = APP.score_of, APP.task
 QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none"]  # no log files and handlers in this process
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -68,7 +56,7 @@ def base_overrides(tmp_path: Path, storage: str | None = None, sweep: str = "swe
 
 def multirun(tmp_path: Path, *overrides: str, storage: str | None = None, sweep: str = "sweep") -> Any:
     """``app.py -m hparams_search=toy ...`` in this process; returns what the sweeper returns."""
-    with initialize_config_dir(str(APP_DIR / "conf"), version_base="1.3", job_name="app"):
+    with initialize_config_dir(str(SWEEP_APP_DIR / "conf"), version_base="1.3", job_name="app"):
         hydra = GlobalHydra.instance().hydra
         assert hydra is not None
         return hydra.multirun(
@@ -100,7 +88,7 @@ def worker(tmp_path: Path, sweep: str, *overrides: str, storage: str) -> subproc
     """A real worker process: ``python tests/sweep_app/app.py -m hparams_search=toy ...``."""
     command = [
         sys.executable,
-        str(APP_DIR / "app.py"),
+        str(SWEEP_APP_DIR / "app.py"),
         "-m",
         *base_overrides(tmp_path, storage, sweep),
         *overrides,
@@ -345,7 +333,7 @@ def test_grid_sampler_covers_the_grid_and_caps_n_trials(tmp_path):
 
 def test_float_returning_task_and_default_storage_under_logs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(str(APP_DIR / "conf"), version_base="1.3", job_name="app"):
+    with initialize_config_dir(str(SWEEP_APP_DIR / "conf"), version_base="1.3", job_name="app"):
         GlobalHydra.instance().hydra.multirun(  # type: ignore[union-attr]
             config_name="config",
             task_function=task,
@@ -564,7 +552,7 @@ def test_two_workers_on_postgresql(tmp_path):
 
 
 # ---------------------------------------------------------------- the real training path
-REPO = APP_DIR.parent.parent
+REPO = SWEEP_APP_DIR.parent.parent
 TINY_TRAIN = [
     "data=synthetic", "data.num_samples=96", "data.image_size=16", "data.batch_size=16",
     "backbone=vit_edge", "backbone.dim=32", "backbone.depth=1", "backbone.num_heads=2",
