@@ -62,6 +62,13 @@ def floor_relative(values: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tens
     return v.clamp_min(eps * top)
 
 
+def _symmetric(second_moment: torch.Tensor) -> torch.Tensor:
+    """The symmetric part of a (square, float64) second moment; ValueError for NaN or inf entries."""
+    if not torch.isfinite(second_moment).all():
+        raise ValueError("whitening needs a finite second-moment matrix (it has NaN or inf entries)")
+    return (second_moment + second_moment.T) / 2
+
+
 def whitening(second_moment: torch.Tensor, eps: float = DEFAULT_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, S^{-1})`` with ``S S^T = C_eps``, the second moment ``C`` (in x in, symmetric PSD) with its
     eigenvalues floored at ``eps`` times the largest: ``C = Q diag(lambda) Q^T`` (``eigh``),
@@ -73,9 +80,7 @@ def whitening(second_moment: torch.Tensor, eps: float = DEFAULT_EPS) -> tuple[to
     c = second_moment.detach().double()
     if c.dim() != 2 or c.shape[0] != c.shape[1]:
         raise ValueError(f"whitening needs a square second-moment matrix, got shape {tuple(c.shape)}")
-    if not torch.isfinite(c).all():
-        raise ValueError("whitening needs a finite second-moment matrix (it has NaN or inf entries)")
-    evals, evecs = torch.linalg.eigh((c + c.T) / 2)
+    evals, evecs = torch.linalg.eigh(_symmetric(c))
     root = floor_relative(evals, eps).sqrt()
     return evecs * root, evecs.T / root[:, None]
 
@@ -130,9 +135,7 @@ class Whitening:
             raise ValueError(
                 f"a second moment of shape {tuple(c.shape)} does not fit a {w.shape[0]} x {w.shape[1]} matrix"
             )
-        if not torch.isfinite(c).all():
-            raise ValueError("whitening needs a finite second-moment matrix (it has NaN or inf entries)")
-        c = (c + c.T) / 2
+        c = _symmetric(c)
         mean_eig = float(torch.diagonal(c).sum()) / c.shape[0]
         delta = self.eps * mean_eig if mean_eig > 0 else 1.0
         m = w @ c @ w.T + delta * (w @ w.T)
@@ -151,12 +154,6 @@ class Weighting:
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
     right_inv: torch.Tensor | None = None
-
-    @classmethod
-    def whiten(cls, second_moment: torch.Tensor, eps: float = DEFAULT_EPS) -> Weighting:
-        """SVD-LLM's whitening by the input second moment (:func:`whitening`)."""
-        s, s_inv = whitening(second_moment, eps)
-        return cls(right=s, right_inv=s_inv)
 
     @classmethod
     def columns(cls, scale: torch.Tensor) -> Weighting:
