@@ -40,6 +40,12 @@ def _first(value: object) -> object:
     return value
 
 
+def strategy_name(trainer: Any) -> str:
+    """``trainer.strategy`` as a name: the string itself, or the ``_target_`` of a strategy node ("" for none)."""
+    strategy = trainer.get("strategy")
+    return str(strategy if isinstance(strategy, str) else (strategy or {}).get("_target_", ""))
+
+
 def check_model_config(cfg: DictConfig) -> None:
     """Optimizer settings: one clear message for a value that cannot train."""
     model = cfg.model
@@ -60,9 +66,9 @@ def check_model_config(cfg: DictConfig) -> None:
         )
     if cfg.optimized_metric is None or not str(cfg.optimized_metric).strip():
         raise LrkConfigError("optimized_metric is empty: name a logged metric, e.g. val/bal_acc or val/acc")
-    strategy = cfg.trainer.get("strategy")
-    strategy_name = str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy or "").lower()
-    if (cfg.get("decomp") or {}).get("distributed_heads") is True and "ddp" in strategy_name:
+    if (cfg.get("decomp") or {}).get("distributed_heads") is True and "ddp" in strategy_name(
+        cfg.trainer
+    ).lower():
         raise LrkConfigError(
             "decomp.distributed_heads=true with trainer.strategy=ddp is invalid: distributed heads shard one "
             "batch's heads over ranks that must all see that batch, while DDP gives each rank its own batch; "

@@ -43,6 +43,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lrk.config import strategy_name
 from lrk.errors import LrkConfigError
 from lrk.layers.attention.distributed import group_ready, rank_of
 
@@ -136,12 +137,11 @@ def check_devices(trainer: DictConfig | dict[str, Any]) -> None:
     devices = trainer.get("devices", "auto")
     if OmegaConf.is_config(devices):
         devices = OmegaConf.to_container(devices)
-    strategy = trainer.get("strategy")
-    strategy_name = strategy if isinstance(strategy, str) else (strategy or {}).get("_target_", "")
+    strategy = strategy_name(trainer)
     if accelerator in ("gpu", "cuda"):
         available = torch.cuda.device_count()
         if available == 0:
-            what = f"trainer.strategy={strategy_name} with " if "ddp" in str(strategy_name).lower() else ""
+            what = f"trainer.strategy={strategy} with " if "ddp" in strategy.lower() else ""
             raise LrkConfigError(
                 f"{what}trainer.accelerator={accelerator} needs a CUDA device and this machine has none: use "
                 "trainer=ddp_cpu (or trainer=cpu), or trainer.accelerator=cpu"
